@@ -1,0 +1,177 @@
+//! The traits every backend implements.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::capabilities::{Capabilities, Feature};
+use crate::delivery::Delivery;
+use crate::destination::{Destination, Source};
+use crate::error::Result;
+use crate::message::{Message, MessageId};
+
+/// A message broker: sends to destinations and opens consumers on sources.
+///
+/// Used through generics or as `Arc<dyn Broker>` (see [`DynBroker`]) when the backend
+/// is chosen from configuration at run time. Handles are cheap to clone and safe to
+/// share across tasks.
+///
+/// Implementations check every message with [`Capabilities::check_message`] before any
+/// I/O, and return [`Error::Unsupported`](crate::Error::Unsupported) for what they lack.
+///
+/// ```
+/// # use courier_core::{Broker, Destination, Message};
+/// # async fn example(broker: &dyn Broker) -> Result<(), courier_core::Error> {
+/// let orders = Destination::queue("orders")?;
+/// let id = broker.send(&orders, Message::new(&b"\x00binary ok"[..])).await?;
+/// println!("sent {id}");
+/// # Ok(()) }
+/// ```
+#[async_trait]
+pub trait Broker: Send + Sync + fmt::Debug + 'static {
+    /// What this backend supports.
+    fn capabilities(&self) -> &Capabilities;
+
+    /// Sends one message; returns its id once the broker has accepted it.
+    async fn send(&self, destination: &Destination, message: Message) -> Result<MessageId>;
+
+    /// Sends several messages; returns their ids in order once all are accepted.
+    /// Takes at most [`Capabilities::max_batch`] messages.
+    async fn send_batch(&self, destination: &Destination, messages: Vec<Message>) -> Result<Vec<MessageId>> {
+        self.capabilities().check_batch(&messages)?;
+        let mut ids = Vec::with_capacity(messages.len());
+        for m in messages {
+            ids.push(self.send(destination, m).await?);
+        }
+        Ok(ids)
+    }
+
+    /// Opens a consumer; creates the queue or subscription if it does not exist.
+    async fn consumer(&self, source: &Source, options: ConsumerOptions) -> Result<Box<dyn Consumer>>;
+
+    /// Creates a queue or subscription ahead of time, so messages sent before any
+    /// consumer opens are kept. Idempotent.
+    async fn declare(&self, source: &Source) -> Result<()>;
+
+    /// Counts for a source. Backends without counts return `Unsupported`.
+    async fn stats(&self, source: &Source) -> Result<Stats> {
+        let _ = source;
+        Err(self.capabilities().unsupported(Feature::Stats))
+    }
+
+    /// Removes every message waiting in a source (in-flight ones stay until settled).
+    /// Returns how many were removed where the backend knows.
+    async fn purge(&self, source: &Source) -> Result<u64> {
+        let _ = source;
+        Err(self.capabilities().unsupported(Feature::Purge))
+    }
+
+    /// Closes the broker connection; later calls fail with `Closed`.
+    async fn close(&self) -> Result<()>;
+}
+
+/// A broker chosen at run time.
+pub type DynBroker = Arc<dyn Broker>;
+
+/// Receives deliveries from one source. Safe to share across tasks: several tasks may
+/// call [`receive`](Self::receive) on one consumer at once.
+#[async_trait]
+pub trait Consumer: Send + Sync {
+    /// Where this consumer reads.
+    fn source(&self) -> &Source;
+
+    /// Waits up to `wait` for at least one message and returns up to `max`. An empty
+    /// source waits (never busy-polls) and then returns an empty vector, not an error.
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>>;
+
+    /// One delivery, or `None` after `wait`.
+    async fn receive_one(&self, wait: Duration) -> Result<Option<Delivery>> {
+        Ok(self.receive(1, wait).await?.pop())
+    }
+
+    /// Stops receiving. Unsettled deliveries of this consumer go back to the source for
+    /// other consumers (where the backend can; otherwise after their lease).
+    async fn close(&self) -> Result<()>;
+}
+
+/// How a consumer handles leases and failures.
+///
+/// ```
+/// use std::time::Duration;
+/// use courier_core::ConsumerOptions;
+///
+/// let options = ConsumerOptions::default().lease(Duration::from_secs(60)).max_attempts(3);
+/// assert_eq!(options.max_attempts, Some(3));
+/// ```
+#[derive(Debug, Clone)]
+pub struct ConsumerOptions {
+    /// How long a delivery is leased before it is redelivered. Default 30 s.
+    pub lease: Duration,
+    /// After this many deliveries, a retry or lease expiry dead-letters the message.
+    /// `None`: retry forever. Default 5.
+    pub max_attempts: Option<u32>,
+    /// Where dead letters go; default [`Source::default_dead_letter`].
+    pub dead_letter: Option<Destination>,
+    /// How many messages the backend may fetch ahead of `receive` calls. Default 100.
+    pub prefetch: usize,
+}
+
+impl Default for ConsumerOptions {
+    fn default() -> Self {
+        ConsumerOptions { lease: Duration::from_secs(30), max_attempts: Some(5), dead_letter: None, prefetch: 100 }
+    }
+}
+
+impl ConsumerOptions {
+    /// Sets the lease.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Sets the maximum number of deliveries.
+    pub fn max_attempts(mut self, max_attempts: u32) -> Self {
+        self.max_attempts = Some(max_attempts.max(1));
+        self
+    }
+
+    /// Retries forever.
+    pub fn unlimited_attempts(mut self) -> Self {
+        self.max_attempts = None;
+        self
+    }
+
+    /// Sets the dead-letter destination.
+    pub fn dead_letter(mut self, destination: Destination) -> Self {
+        self.dead_letter = Some(destination);
+        self
+    }
+
+    /// Sets the prefetch bound.
+    pub fn prefetch(mut self, prefetch: usize) -> Self {
+        self.prefetch = prefetch.max(1);
+        self
+    }
+
+    /// The dead-letter destination for `source`.
+    pub fn dead_letter_for(&self, source: &Source) -> Destination {
+        self.dead_letter.clone().unwrap_or_else(|| source.default_dead_letter())
+    }
+}
+
+/// Counts for one source.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Messages ready or waiting their turn (not in flight, not delayed).
+    pub depth: u64,
+    /// Delivered and not yet settled.
+    pub in_flight: u64,
+    /// Held back by a delay.
+    pub delayed: u64,
+    /// Moved to the dead-letter destination since the source was created.
+    pub dead_lettered: u64,
+    /// Age of the oldest waiting message.
+    pub oldest_age: Option<Duration>,
+}

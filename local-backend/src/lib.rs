@@ -1,0 +1,471 @@
+//! # courier-local
+//!
+//! Courier's in-process backend. Not a test double: it keeps every clause of the
+//! contract with every capability on — competing consumers, topics with subscriptions,
+//! ack/retry/reject, leases that expire and can be extended, attempt counting and
+//! dead-lettering, delayed messages, per-key FIFO, a dedup window, bounded capacity
+//! with backpressure, purge and statistics.
+//!
+//! ```
+//! use std::time::Duration;
+//! use courier_core::{Broker, ConsumerOptions, Destination, Message, Source};
+//! use courier_local::LocalBroker;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), courier_core::Error> {
+//! let broker = LocalBroker::new();
+//! let source = Source::queue("orders")?;
+//! let consumer = broker.consumer(&source, ConsumerOptions::default()).await?;
+//!
+//! broker.send(&Destination::queue("orders")?, Message::new("order #1")).await?;
+//! let delivery = consumer.receive_one(Duration::from_secs(1)).await?.expect("a message");
+//! assert_eq!(&delivery.payload[..], b"order #1");
+//! delivery.ack().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Timers (delays, leases) run on one task per queue that sleeps until the next
+//! deadline, so the broker must be used inside a tokio runtime.
+#![warn(missing_docs)]
+
+mod entry;
+mod queue;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use courier_core::{
+    Acknowledger, Broker, Capabilities, Consumer, ConsumerOptions, Delivery, Destination, Error, Message, MessageId,
+    Name, Result, Source, Stats,
+};
+use tokio::time::Instant;
+
+use entry::Entry;
+use queue::{ConsumerPolicy, DeadLetter, Queue};
+
+/// What a send does when a destination with a capacity is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WhenFull {
+    /// Wait for room (backpressure).
+    #[default]
+    Wait,
+    /// Fail at once with the retryable [`Error::Full`].
+    Error,
+}
+
+/// Settings of a [`LocalBroker`].
+///
+/// ```
+/// use courier_local::{LocalConfig, WhenFull};
+///
+/// let config = LocalConfig::from_url("memory://?capacity=1000&when_full=error")?;
+/// assert_eq!(config.capacity, Some(1000));
+/// assert_eq!(config.when_full, WhenFull::Error);
+/// # Ok::<(), courier_core::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    /// Most messages each queue or subscription holds (ready, in flight and delayed);
+    /// `None`: unbounded. Dead letters always get in.
+    pub capacity: Option<usize>,
+    /// What a send to a full destination does.
+    pub when_full: WhenFull,
+    /// How long a dedup id is remembered.
+    pub dedup_window: Duration,
+    /// The largest payload accepted, in bytes.
+    pub max_payload: usize,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        LocalConfig {
+            capacity: None,
+            when_full: WhenFull::Wait,
+            dedup_window: Duration::from_secs(300),
+            max_payload: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl LocalConfig {
+    /// Reads settings from a `memory://` URL's query: `capacity` (messages),
+    /// `when_full` (`wait` or `error`), `dedup_window_secs`, `max_payload` (bytes).
+    pub fn from_url(url: &str) -> Result<Self> {
+        let rest = url.strip_prefix("memory://").ok_or_else(|| {
+            Error::config("url", format!("the in-process backend takes memory:// URLs, not {:?}", scheme_of(url)))
+        })?;
+        let mut config = LocalConfig::default();
+        let query = rest.split_once('?').map(|(_, q)| q).unwrap_or("");
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let number = |what: &str| {
+                value.parse::<u64>().map_err(|_| {
+                    Error::config(format!("memory.{key}"), format!("expected a whole number of {what}, got {value:?}"))
+                })
+            };
+            match key {
+                "capacity" => config.capacity = Some(number("messages")? as usize),
+                "when_full" => {
+                    config.when_full = match value {
+                        "wait" => WhenFull::Wait,
+                        "error" => WhenFull::Error,
+                        _ => {
+                            return Err(Error::config(
+                                "memory.when_full",
+                                format!("expected wait or error, got {value:?}"),
+                            ))
+                        }
+                    }
+                }
+                "dedup_window_secs" => config.dedup_window = Duration::from_secs(number("seconds")?),
+                "max_payload" => config.max_payload = number("bytes")? as usize,
+                _ => {
+                    return Err(Error::config(
+                        format!("memory.{key}"),
+                        "unknown option; the in-process backend takes capacity, when_full, dedup_window_secs and max_payload",
+                    ))
+                }
+            }
+        }
+        Ok(config)
+    }
+}
+
+fn scheme_of(url: &str) -> &str {
+    url.split_once("://").map(|(s, _)| s).unwrap_or(url)
+}
+
+/// The in-process broker. Cheap to clone: clones share the same queues.
+#[derive(Clone, Debug)]
+pub struct LocalBroker {
+    inner: Arc<BrokerInner>,
+}
+
+type Subscriptions = Arc<RwLock<BTreeMap<Name, Arc<Queue>>>>;
+
+pub(crate) struct BrokerInner {
+    caps: Capabilities,
+    config: LocalConfig,
+    queues: RwLock<HashMap<Name, Arc<Queue>>>,
+    topics: RwLock<HashMap<Name, Subscriptions>>,
+    dedup: Mutex<HashMap<Destination, DedupWindow>>,
+    closed: AtomicBool,
+    next_consumer: AtomicU64,
+    me: std::sync::Weak<BrokerInner>,
+}
+
+impl std::fmt::Debug for BrokerInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalBroker").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl Default for LocalBroker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LocalBroker {
+    /// A broker with default settings: unbounded queues, a 5-minute dedup window.
+    pub fn new() -> Self {
+        Self::with_config(LocalConfig::default())
+    }
+
+    /// A broker with `config`.
+    pub fn with_config(config: LocalConfig) -> Self {
+        let caps = Capabilities { max_payload: config.max_payload, ..Capabilities::all("local") };
+        let inner = Arc::new_cyclic(|me| BrokerInner {
+            caps,
+            config,
+            queues: RwLock::default(),
+            topics: RwLock::default(),
+            dedup: Mutex::default(),
+            closed: AtomicBool::new(false),
+            next_consumer: AtomicU64::new(1),
+            me: me.clone(),
+        });
+        LocalBroker { inner }
+    }
+
+    /// A broker configured by a `memory://` URL (see [`LocalConfig::from_url`]).
+    pub fn from_url(url: &str) -> Result<Self> {
+        Ok(Self::with_config(LocalConfig::from_url(url)?))
+    }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+impl BrokerInner {
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(Error::Closed { what: "broker" })
+        } else {
+            Ok(())
+        }
+    }
+
+    fn new_queue(&self, source: Source) -> Arc<Queue> {
+        Queue::start(source, self.config.capacity, self.config.when_full, self.me.clone())
+    }
+
+    fn queue(&self, name: &Name) -> Arc<Queue> {
+        if let Some(q) = read(&self.queues).get(name) {
+            return q.clone();
+        }
+        write(&self.queues).entry(name.clone()).or_insert_with(|| self.new_queue(Source::Queue(name.clone()))).clone()
+    }
+
+    fn topic(&self, name: &Name) -> Subscriptions {
+        if let Some(t) = read(&self.topics).get(name) {
+            return t.clone();
+        }
+        write(&self.topics).entry(name.clone()).or_default().clone()
+    }
+
+    /// The queue a source reads, created if missing.
+    fn source_queue(&self, source: &Source) -> Arc<Queue> {
+        match source {
+            Source::Queue(name) => self.queue(name),
+            Source::Subscription { topic, subscription } => {
+                let subs = self.topic(topic);
+                if let Some(q) = read(&subs).get(subscription) {
+                    return q.clone();
+                }
+                let mut subs = write(&subs);
+                subs.entry(subscription.clone()).or_insert_with(|| self.new_queue(source.clone())).clone()
+            }
+        }
+    }
+
+    /// The queues a send to `destination` lands in.
+    fn targets(&self, destination: &Destination) -> Vec<Arc<Queue>> {
+        match destination {
+            Destination::Queue(name) => vec![self.queue(name)],
+            Destination::Topic(name) => read(&self.topic(name)).values().cloned().collect(),
+        }
+    }
+
+    /// Drops messages whose dedup id was seen within the window; returns the ids to
+    /// report for every message (a duplicate reports the first one's id).
+    fn dedup(&self, destination: &Destination, messages: &mut Vec<Message>) -> Option<Vec<MessageId>> {
+        if messages.iter().all(|m| m.dedup_id.is_none()) {
+            return None;
+        }
+        let mut windows = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
+        let window = windows.entry(destination.clone()).or_default();
+        let now = Instant::now();
+        window.expire(now, self.config.dedup_window);
+        let mut ids = Vec::with_capacity(messages.len());
+        messages.retain(|m| {
+            let Some(dedup_id) = &m.dedup_id else {
+                ids.push(m.id.clone());
+                return true;
+            };
+            match window.seen.get(dedup_id) {
+                Some(first) => {
+                    ids.push(first.clone());
+                    false
+                }
+                None => {
+                    window.seen.insert(dedup_id.clone(), m.id.clone());
+                    window.order.push_back((now, dedup_id.clone()));
+                    ids.push(m.id.clone());
+                    true
+                }
+            }
+        });
+        Some(ids)
+    }
+
+    async fn send_all(&self, destination: &Destination, mut messages: Vec<Message>) -> Result<Vec<MessageId>> {
+        self.check_open()?;
+        self.caps.check_batch(&messages)?;
+        let ids = self.dedup(destination, &mut messages);
+        let ids = ids.unwrap_or_else(|| messages.iter().map(|m| m.id.clone()).collect());
+        if messages.is_empty() {
+            return Ok(ids);
+        }
+        let targets = self.targets(destination);
+        // All or nothing: reserve room in every target before adding anywhere.
+        for (i, q) in targets.iter().enumerate() {
+            if let Err(e) = q.reserve(messages.len()).await {
+                for q in &targets[..i] {
+                    q.unreserve(messages.len());
+                }
+                return Err(e);
+            }
+        }
+        if let Some((last, others)) = targets.split_last() {
+            for q in others {
+                q.push(messages.iter().map(|m| (Entry::from_message(m.clone()), m.delay)));
+            }
+            last.push(messages.into_iter().map(|m| {
+                let delay = m.delay;
+                (Entry::from_message(m), delay)
+            }));
+        }
+        Ok(ids)
+    }
+
+    pub(crate) fn deliver_dead_letter(&self, origin: &Source, dead: DeadLetter) -> Result<()> {
+        let to = dead.to.clone();
+        let entry = queue::dead_letter_entry(origin, dead);
+        for q in self.targets(&to) {
+            q.push_dead_letter(entry.clone());
+        }
+        Ok(())
+    }
+
+    fn existing_queue(&self, source: &Source) -> Result<Arc<Queue>> {
+        let missing = |kind, name: &Name| Error::NotFound { kind, name: name.to_string() };
+        match source {
+            Source::Queue(name) => read(&self.queues).get(name).cloned().ok_or_else(|| missing("queue", name)),
+            Source::Subscription { topic, subscription } => {
+                let subs = read(&self.topics).get(topic).cloned().ok_or_else(|| missing("topic", topic))?;
+                let q = read(&subs).get(subscription).cloned();
+                q.ok_or_else(|| missing("subscription", subscription))
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct DedupWindow {
+    seen: HashMap<String, MessageId>,
+    order: VecDeque<(Instant, String)>,
+}
+
+impl DedupWindow {
+    fn expire(&mut self, now: Instant, window: Duration) {
+        while let Some((at, _)) = self.order.front() {
+            if now.duration_since(*at) < window {
+                break;
+            }
+            let (_, id) = self.order.pop_front().expect("peeked");
+            self.seen.remove(&id);
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for LocalBroker {
+    fn capabilities(&self) -> &Capabilities {
+        &self.inner.caps
+    }
+
+    async fn send(&self, destination: &Destination, message: Message) -> Result<MessageId> {
+        let mut ids = self.inner.send_all(destination, vec![message]).await?;
+        Ok(ids.pop().expect("one id per message"))
+    }
+
+    async fn send_batch(&self, destination: &Destination, messages: Vec<Message>) -> Result<Vec<MessageId>> {
+        self.inner.send_all(destination, messages).await
+    }
+
+    async fn consumer(&self, source: &Source, options: ConsumerOptions) -> Result<Box<dyn Consumer>> {
+        self.inner.check_open()?;
+        let queue = self.inner.source_queue(source);
+        let policy = Arc::new(ConsumerPolicy {
+            id: self.inner.next_consumer.fetch_add(1, Ordering::Relaxed),
+            lease: options.lease,
+            max_attempts: options.max_attempts,
+            dead_letter: options.dead_letter_for(source),
+        });
+        Ok(Box::new(LocalConsumer { queue, source: source.clone(), policy, closed: AtomicBool::new(false) }))
+    }
+
+    async fn declare(&self, source: &Source) -> Result<()> {
+        self.inner.check_open()?;
+        self.inner.source_queue(source);
+        Ok(())
+    }
+
+    async fn stats(&self, source: &Source) -> Result<Stats> {
+        self.inner.check_open()?;
+        Ok(self.inner.existing_queue(source)?.stats())
+    }
+
+    async fn purge(&self, source: &Source) -> Result<u64> {
+        self.inner.check_open()?;
+        Ok(self.inner.existing_queue(source)?.purge())
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.closed.store(true, Ordering::Release);
+        let mut queues: Vec<Arc<Queue>> = read(&self.inner.queues).values().cloned().collect();
+        for subs in read(&self.inner.topics).values() {
+            queues.extend(read(subs).values().cloned());
+        }
+        for q in queues {
+            q.close();
+        }
+        Ok(())
+    }
+}
+
+struct LocalConsumer {
+    queue: Arc<Queue>,
+    source: Source,
+    policy: Arc<ConsumerPolicy>,
+    closed: AtomicBool,
+}
+
+#[async_trait]
+impl Consumer for LocalConsumer {
+    fn source(&self) -> &Source {
+        &self.source
+    }
+
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let taken = self.queue.take(max, wait, &self.policy, &self.closed).await?;
+        Ok(taken
+            .into_iter()
+            .map(|(tag, entry)| {
+                let acker = LocalAcker { queue: self.queue.clone(), tag, id: entry.id.clone() };
+                Delivery::new(entry.to_message(), entry.deliveries, self.source.clone(), Box::new(acker))
+            })
+            .collect())
+    }
+
+    async fn close(&self) -> Result<()> {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            self.queue.release_consumer(self.policy.id);
+        }
+        Ok(())
+    }
+}
+
+struct LocalAcker {
+    queue: Arc<Queue>,
+    tag: u64,
+    id: MessageId,
+}
+
+#[async_trait]
+impl Acknowledger for LocalAcker {
+    async fn ack(&self) -> Result<()> {
+        self.queue.ack(self.tag, &self.id)
+    }
+
+    async fn retry(&self, delay: Option<Duration>) -> Result<()> {
+        self.queue.retry(self.tag, &self.id, delay)
+    }
+
+    async fn reject(&self, reason: &str) -> Result<()> {
+        self.queue.reject(self.tag, &self.id, reason)
+    }
+
+    async fn extend_lease(&self, by: Duration) -> Result<()> {
+        self.queue.extend(self.tag, &self.id, by)
+    }
+}

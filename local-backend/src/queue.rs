@@ -1,0 +1,547 @@
+//! One queue (or one subscription of a topic): ready messages, per-key FIFO, leases,
+//! delays, capacity, and the timer task that drives leases and delays.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime};
+
+use courier_core::{headers, Destination, Error, MessageId, Result, Source, Stats};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::entry::Entry;
+use crate::{BrokerInner, WhenFull};
+
+/// Settings a consumer's deliveries carry, so leases that expire in the timer task
+/// know how to treat them.
+pub(crate) struct ConsumerPolicy {
+    pub id: u64,
+    pub lease: Duration,
+    pub max_attempts: Option<u32>,
+    pub dead_letter: Destination,
+}
+
+struct InFlight {
+    entry: Entry,
+    deadline: Instant,
+    policy: Arc<ConsumerPolicy>,
+}
+
+struct Delayed {
+    due: Instant,
+    seq: u64,
+    entry: Entry,
+    /// A retry keeps its key's turn; a delayed send joins its key's line when due.
+    retry: bool,
+}
+
+impl PartialEq for Delayed {
+    fn eq(&self, other: &Self) -> bool {
+        (self.due, self.seq) == (other.due, other.seq)
+    }
+}
+impl Eq for Delayed {}
+impl PartialOrd for Delayed {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Delayed {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.due, self.seq).cmp(&(other.due, other.seq))
+    }
+}
+
+enum AfterFailure {
+    TryAgain(Entry),
+    DeadLetter(DeadLetter),
+}
+
+/// A message on its way to a dead-letter destination.
+pub(crate) struct DeadLetter {
+    pub entry: Entry,
+    pub reason: String,
+    pub to: Destination,
+}
+
+#[derive(Default)]
+struct State {
+    /// Messages any consumer may take now.
+    ready: VecDeque<Entry>,
+    /// Keys with a message ready, in flight or awaiting retry, and the messages of that
+    /// key waiting behind it. A key absent here is free.
+    keys: HashMap<String, VecDeque<Entry>>,
+    waiting_behind_keys: usize,
+    in_flight: BTreeMap<u64, InFlight>,
+    leases: BTreeSet<(Instant, u64)>,
+    delayed: BinaryHeap<Reverse<Delayed>>,
+    /// Every message held: ready, waiting, in flight and delayed.
+    held: usize,
+    next_tag: u64,
+    next_seq: u64,
+    dead_lettered: u64,
+    /// The deadline the timer task sleeps until.
+    armed: Option<Instant>,
+    closed: bool,
+}
+
+pub(crate) struct Queue {
+    pub source: Source,
+    state: Mutex<State>,
+    readable: Notify,
+    writable: Notify,
+    timer: Arc<Notify>,
+    capacity: Option<usize>,
+    when_full: WhenFull,
+    broker: Weak<BrokerInner>,
+}
+
+impl Queue {
+    /// Creates the queue and starts its timer task on the current tokio runtime.
+    pub fn start(source: Source, capacity: Option<usize>, when_full: WhenFull, broker: Weak<BrokerInner>) -> Arc<Self> {
+        let timer = Arc::new(Notify::new());
+        let queue = Arc::new(Queue {
+            source,
+            state: Mutex::new(State::default()),
+            readable: Notify::new(),
+            writable: Notify::new(),
+            timer: timer.clone(),
+            capacity,
+            when_full,
+            broker,
+        });
+        tokio::spawn(run_timer(Arc::downgrade(&queue), timer));
+        queue
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-updated in a way
+        // that loses messages, so keep going rather than poisoning every later call.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn full_error(&self) -> Error {
+        Error::Full { destination: self.source.to_string(), capacity: self.capacity.unwrap_or(0) }
+    }
+
+    /// Reserves room for `n` messages, waiting or failing when full as configured.
+    pub async fn reserve(&self, n: usize) -> Result<()> {
+        let Some(capacity) = self.capacity else {
+            self.lock().held += n;
+            return Ok(());
+        };
+        if n > capacity {
+            return Err(self.full_error());
+        }
+        loop {
+            let notified = self.writable.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut st = self.lock();
+                if st.closed {
+                    return Err(Error::Closed { what: "broker" });
+                }
+                if st.held + n <= capacity {
+                    st.held += n;
+                    // Others may fit too.
+                    if st.held < capacity {
+                        self.writable.notify_one();
+                    }
+                    return Ok(());
+                }
+                if self.when_full == WhenFull::Error {
+                    return Err(self.full_error());
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Gives back room reserved but not used.
+    pub fn unreserve(&self, n: usize) {
+        self.lock().held -= n;
+        self.writable.notify_one();
+    }
+
+    /// Adds messages for which room was reserved, each with an optional delay.
+    pub fn push(&self, entries: impl IntoIterator<Item = (Entry, Option<Duration>)>) {
+        let mut st = self.lock();
+        let now = Instant::now();
+        let mut ready = false;
+        let mut soonest: Option<Instant> = None;
+        for (entry, delay) in entries {
+            match delay.filter(|d| !d.is_zero()) {
+                Some(delay) => {
+                    let due = now + delay;
+                    let seq = st.next_seq;
+                    st.next_seq += 1;
+                    st.delayed.push(Reverse(Delayed { due, seq, entry, retry: false }));
+                    soonest = Some(soonest.map_or(due, |s| s.min(due)));
+                }
+                None => {
+                    st.enqueue(entry);
+                    ready = true;
+                }
+            }
+        }
+        if let Some(due) = soonest {
+            self.arm(&mut st, due);
+        }
+        drop(st);
+        if ready {
+            self.readable.notify_one();
+        }
+    }
+
+    /// Adds a dead letter: it never waits for room, so nothing is lost on its way.
+    pub fn push_dead_letter(&self, entry: Entry) {
+        let mut st = self.lock();
+        st.held += 1;
+        st.enqueue(entry);
+        drop(st);
+        self.readable.notify_one();
+    }
+
+    /// Wakes the timer task if `deadline` is sooner than what it sleeps until.
+    fn arm(&self, st: &mut State, deadline: Instant) {
+        if st.armed.is_none_or(|armed| deadline < armed) {
+            st.armed = Some(deadline);
+            self.timer.notify_one();
+        }
+    }
+
+    /// Takes up to `max` ready messages for a consumer, waiting up to `wait`.
+    pub async fn take(
+        self: &Arc<Self>,
+        max: usize,
+        wait: Duration,
+        policy: &Arc<ConsumerPolicy>,
+        consumer_closed: &std::sync::atomic::AtomicBool,
+    ) -> Result<Vec<(u64, Entry)>> {
+        let deadline = Instant::now() + wait;
+        let max = max.max(1);
+        loop {
+            let notified = self.readable.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                if consumer_closed.load(std::sync::atomic::Ordering::Acquire) {
+                    return Err(Error::Closed { what: "consumer" });
+                }
+                let mut st = self.lock();
+                if st.closed {
+                    return Err(Error::Closed { what: "broker" });
+                }
+                if !st.ready.is_empty() {
+                    let lease_deadline = Instant::now() + policy.lease;
+                    let n = max.min(st.ready.len());
+                    let mut taken = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        let mut entry = st.ready.pop_front().expect("checked length");
+                        entry.deliveries += 1;
+                        let tag = st.next_tag;
+                        st.next_tag += 1;
+                        taken.push((tag, entry.clone()));
+                        st.leases.insert((lease_deadline, tag));
+                        st.in_flight.insert(tag, InFlight { entry, deadline: lease_deadline, policy: policy.clone() });
+                    }
+                    self.arm(&mut st, lease_deadline);
+                    let more = !st.ready.is_empty();
+                    drop(st);
+                    if more {
+                        // Pass the baton: another waiting consumer can take the rest.
+                        self.readable.notify_one();
+                    }
+                    return Ok(taken);
+                }
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(deadline) => return Ok(Vec::new()),
+            }
+        }
+    }
+
+    fn settle_lost(id: &MessageId) -> Error {
+        Error::LeaseLost { id: id.clone() }
+    }
+
+    /// Removes an in-flight delivery for good.
+    pub fn ack(&self, tag: u64, id: &MessageId) -> Result<()> {
+        let mut st = self.lock();
+        let flight = st.in_flight.remove(&tag).ok_or_else(|| Self::settle_lost(id))?;
+        st.leases.remove(&(flight.deadline, tag));
+        let woke = st.finish(&flight.entry);
+        drop(st);
+        self.after_finish(woke);
+        Ok(())
+    }
+
+    /// Retries an in-flight delivery, or dead-letters it when its attempts are used up.
+    pub fn retry(&self, tag: u64, id: &MessageId, delay: Option<Duration>) -> Result<()> {
+        let mut st = self.lock();
+        let flight = st.in_flight.remove(&tag).ok_or_else(|| Self::settle_lost(id))?;
+        st.leases.remove(&(flight.deadline, tag));
+        let flight_entry = match st.use_attempt(flight, "retry") {
+            AfterFailure::TryAgain(entry) => entry,
+            AfterFailure::DeadLetter(dead) => {
+                drop(st);
+                return self.dead_letter(dead);
+            }
+        };
+        match delay.filter(|d| !d.is_zero()) {
+            Some(delay) => {
+                let due = Instant::now() + delay;
+                let seq = st.next_seq;
+                st.next_seq += 1;
+                st.delayed.push(Reverse(Delayed { due, seq, entry: flight_entry, retry: true }));
+                self.arm(&mut st, due);
+            }
+            None => {
+                st.ready.push_back(flight_entry);
+                drop(st);
+                self.readable.notify_one();
+            }
+        }
+        Ok(())
+    }
+
+    /// Dead-letters an in-flight delivery now.
+    pub fn reject(&self, tag: u64, id: &MessageId, reason: &str) -> Result<()> {
+        let mut st = self.lock();
+        let flight = st.in_flight.remove(&tag).ok_or_else(|| Self::settle_lost(id))?;
+        st.leases.remove(&(flight.deadline, tag));
+        let dead = st.remove_for_dead_letter(flight, format!("rejected: {reason}"));
+        drop(st);
+        self.dead_letter(dead)
+    }
+
+    /// Moves an in-flight delivery's lease deadline to `by` from now.
+    pub fn extend(&self, tag: u64, id: &MessageId, by: Duration) -> Result<()> {
+        let mut st = self.lock();
+        let deadline = Instant::now() + by;
+        let flight = st.in_flight.get_mut(&tag).ok_or_else(|| Self::settle_lost(id))?;
+        let old = std::mem::replace(&mut flight.deadline, deadline);
+        st.leases.remove(&(old, tag));
+        st.leases.insert((deadline, tag));
+        self.arm(&mut st, deadline);
+        Ok(())
+    }
+
+    /// Hands a closing consumer's unsettled deliveries to the others.
+    pub fn release_consumer(&self, consumer: u64) {
+        let mut st = self.lock();
+        let tags: Vec<u64> =
+            st.in_flight.iter().filter(|(_, f)| f.policy.id == consumer).map(|(tag, _)| *tag).collect();
+        for tag in tags.iter().rev() {
+            let flight = st.in_flight.remove(tag).expect("listed above");
+            st.leases.remove(&(flight.deadline, *tag));
+            st.ready.push_front(flight.entry);
+        }
+        drop(st);
+        if !tags.is_empty() {
+            self.readable.notify_one();
+        }
+    }
+
+    /// Moves due delays to ready and expired leases back to ready (or dead letter);
+    /// returns the next deadline.
+    fn process_due(&self, now: Instant) -> Option<Instant> {
+        let mut dead = Vec::new();
+        let mut woke = false;
+        let next = {
+            let mut st = self.lock();
+            while st.delayed.peek().is_some_and(|Reverse(d)| d.due <= now) {
+                let Reverse(d) = st.delayed.pop().expect("peeked");
+                if d.retry {
+                    st.ready.push_back(d.entry);
+                } else {
+                    st.enqueue(d.entry);
+                }
+                woke = true;
+            }
+            while let Some(&(deadline, tag)) = st.leases.first() {
+                if deadline > now {
+                    break;
+                }
+                st.leases.pop_first();
+                let Some(flight) = st.in_flight.remove(&tag) else { continue };
+                match st.use_attempt(flight, "lease expiry") {
+                    // An expired lease is the oldest work around: first in line.
+                    AfterFailure::TryAgain(entry) => st.ready.push_front(entry),
+                    AfterFailure::DeadLetter(d) => dead.push(d),
+                }
+                woke = true;
+            }
+            let next = match (st.delayed.peek().map(|Reverse(d)| d.due), st.leases.first().map(|l| l.0)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            st.armed = next;
+            next
+        };
+        if woke {
+            self.readable.notify_one();
+        }
+        for d in dead {
+            // The broker may be closing; a dead letter with nowhere to go stays lost only
+            // because the whole in-process broker is gone.
+            let _ = self.dead_letter(d);
+        }
+        next
+    }
+
+    pub(crate) fn dead_letter(&self, dead: DeadLetter) -> Result<()> {
+        self.writable.notify_one();
+        let broker = self.broker.upgrade().ok_or(Error::Closed { what: "broker" })?;
+        broker.deliver_dead_letter(&self.source, dead)
+    }
+
+    fn after_finish(&self, released_key: bool) {
+        if self.capacity.is_some() {
+            self.writable.notify_one();
+        }
+        if released_key {
+            self.readable.notify_one();
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        let st = self.lock();
+        let now = SystemTime::now();
+        let oldest = st
+            .ready
+            .iter()
+            .chain(st.keys.values().flatten())
+            .map(|e| e.timestamp)
+            .min()
+            .map(|t| now.duration_since(t).unwrap_or_default());
+        Stats {
+            depth: (st.ready.len() + st.waiting_behind_keys) as u64,
+            in_flight: st.in_flight.len() as u64,
+            delayed: st.delayed.len() as u64,
+            dead_lettered: st.dead_lettered,
+            oldest_age: oldest,
+        }
+    }
+
+    /// Drops every waiting and delayed message; in-flight ones stay until settled.
+    pub fn purge(&self) -> u64 {
+        let mut st = self.lock();
+        let removed = st.ready.len() + st.waiting_behind_keys + st.delayed.len();
+        st.ready.clear();
+        st.delayed.clear();
+        st.waiting_behind_keys = 0;
+        // Keys stay busy only for messages still in flight.
+        let busy: std::collections::HashSet<String> =
+            st.in_flight.values().filter_map(|f| f.entry.ordering_key().map(str::to_owned)).collect();
+        st.keys.retain(|k, waiting| {
+            waiting.clear();
+            busy.contains(k)
+        });
+        st.held -= removed;
+        drop(st);
+        self.writable.notify_waiters();
+        removed as u64
+    }
+
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.readable.notify_waiters();
+        self.writable.notify_waiters();
+        self.timer.notify_one();
+    }
+}
+
+impl State {
+    /// Adds a fresh message, behind its key's current message if the key is busy.
+    fn enqueue(&mut self, entry: Entry) {
+        match entry.ordering_key() {
+            None => self.ready.push_back(entry),
+            Some(key) => match self.keys.get_mut(key) {
+                Some(waiting) => {
+                    waiting.push_back(entry);
+                    self.waiting_behind_keys += 1;
+                }
+                None => {
+                    self.keys.insert(key.to_owned(), VecDeque::new());
+                    self.ready.push_back(entry);
+                }
+            },
+        }
+    }
+
+    /// A message leaves for good: frees its room and lets its key's next message go.
+    /// Returns whether a message became ready.
+    fn finish(&mut self, entry: &Entry) -> bool {
+        self.held -= 1;
+        let Some(key) = entry.ordering_key() else { return false };
+        let Some(waiting) = self.keys.get_mut(key) else { return false };
+        match waiting.pop_front() {
+            Some(next) => {
+                self.waiting_behind_keys -= 1;
+                self.ready.push_back(next);
+                true
+            }
+            None => {
+                self.keys.remove(key);
+                false
+            }
+        }
+    }
+
+    /// After a failed delivery: the delivery back when it may be tried again, or its
+    /// dead letter when its attempts are used up.
+    fn use_attempt(&mut self, flight: InFlight, cause: &str) -> AfterFailure {
+        match flight.policy.max_attempts {
+            Some(max) if flight.entry.deliveries >= max => AfterFailure::DeadLetter(
+                self.remove_for_dead_letter(flight, format!("max attempts ({max}) reached on {cause}")),
+            ),
+            _ => AfterFailure::TryAgain(flight.entry),
+        }
+    }
+
+    fn remove_for_dead_letter(&mut self, flight: InFlight, reason: String) -> DeadLetter {
+        self.finish(&flight.entry);
+        self.dead_lettered += 1;
+        DeadLetter { entry: flight.entry, reason, to: flight.policy.dead_letter.clone() }
+    }
+}
+
+/// Builds the message a dead letter becomes: same id, payload and headers, plus why,
+/// after how many attempts and from where.
+pub(crate) fn dead_letter_entry(origin: &Source, dead: DeadLetter) -> Entry {
+    let DeadLetter { mut entry, reason, .. } = dead;
+    entry.headers.insert(headers::DEAD_LETTER_REASON.to_owned(), reason);
+    entry.headers.insert(headers::DEAD_LETTER_ATTEMPTS.to_owned(), entry.deliveries.to_string());
+    entry.headers.insert(headers::DEAD_LETTER_ORIGIN.to_owned(), origin.to_string());
+    if let Some(extra) = entry.extra.as_deref_mut() {
+        // A dead letter is a new arrival in its queue: never dropped as a duplicate.
+        extra.dedup_id = None;
+    }
+    entry.deliveries = 0;
+    entry
+}
+
+async fn run_timer(queue: Weak<Queue>, wake: Arc<Notify>) {
+    loop {
+        let next = {
+            let Some(queue) = queue.upgrade() else { return };
+            if queue.lock().closed {
+                return;
+            }
+            queue.process_due(Instant::now())
+        };
+        match next {
+            Some(deadline) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => {}
+                    _ = wake.notified() => {}
+                }
+            }
+            None => wake.notified().await,
+        }
+    }
+}
