@@ -1,0 +1,118 @@
+//! Behaviour the in-process backend has beyond the shared contract: capacity with
+//! backpressure, configuration from URLs, and timers driven by tokio's clock.
+
+use std::time::Duration;
+
+use courier_core::{Broker, ConsumerOptions, Destination, Error, Message, Source};
+use courier_local::{LocalBroker, LocalConfig, WhenFull};
+
+fn orders() -> (Source, Destination) {
+    let source = Source::queue("orders").unwrap();
+    let dest = source.destination();
+    (source, dest)
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_with_a_retryable_error_when_configured_to() {
+    let broker =
+        LocalBroker::with_config(LocalConfig { capacity: Some(2), when_full: WhenFull::Error, ..Default::default() });
+    let (source, dest) = orders();
+    broker.declare(&source).await.unwrap();
+    broker.send(&dest, Message::new("1")).await.unwrap();
+    broker.send(&dest, Message::new("2")).await.unwrap();
+    let err = broker.send(&dest, Message::new("3")).await.unwrap_err();
+    assert!(matches!(err, Error::Full { capacity: 2, .. }), "{err}");
+    assert!(err.is_retryable());
+    // A batch that does not fit is refused whole.
+    let consumer = broker.consumer(&source, ConsumerOptions::default()).await.unwrap();
+    let d = consumer.receive_one(Duration::from_secs(1)).await.unwrap().unwrap();
+    d.ack().await.unwrap();
+    let err = broker.send_batch(&dest, vec![Message::new("a"), Message::new("b")]).await.unwrap_err();
+    assert!(matches!(err, Error::Full { .. }));
+    assert_eq!(broker.stats(&source).await.unwrap().depth, 1, "nothing of the refused batch was added");
+}
+
+#[tokio::test]
+async fn a_full_queue_makes_producers_wait_until_a_consumer_makes_room() {
+    let broker = LocalBroker::with_config(LocalConfig { capacity: Some(1), ..Default::default() });
+    let (source, dest) = orders();
+    let consumer = broker.consumer(&source, ConsumerOptions::default()).await.unwrap();
+    broker.send(&dest, Message::new("first")).await.unwrap();
+    let producer = {
+        let broker = broker.clone();
+        let dest = dest.clone();
+        tokio::spawn(async move { broker.send(&dest, Message::new("second")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!producer.is_finished(), "the producer waits while the queue is full");
+    let d = consumer.receive_one(Duration::from_secs(1)).await.unwrap().unwrap();
+    assert!(!producer.is_finished(), "an in-flight message still takes room");
+    d.ack().await.unwrap();
+    producer.await.unwrap().unwrap();
+    let d = consumer.receive_one(Duration::from_secs(1)).await.unwrap().unwrap();
+    assert_eq!(&d.payload[..], b"second");
+}
+
+#[tokio::test]
+async fn dead_letters_get_in_even_when_the_dead_letter_queue_is_full() {
+    let broker =
+        LocalBroker::with_config(LocalConfig { capacity: Some(1), when_full: WhenFull::Error, ..Default::default() });
+    let (source, dest) = orders();
+    let consumer = broker.consumer(&source, ConsumerOptions::default()).await.unwrap();
+    let dlq = source.default_dead_letter();
+    broker.send(&dlq, Message::new("already there")).await.unwrap();
+    broker.send(&dest, Message::new("poison")).await.unwrap();
+    let d = consumer.receive_one(Duration::from_secs(1)).await.unwrap().unwrap();
+    d.reject("bad").await.unwrap();
+    let dlq_source = Source::Queue(dlq.name().clone());
+    assert_eq!(broker.stats(&dlq_source).await.unwrap().depth, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn delays_and_leases_follow_the_clock_without_polling() {
+    let broker = LocalBroker::new();
+    let (source, dest) = orders();
+    let consumer = broker.consumer(&source, ConsumerOptions::default().lease(Duration::from_secs(30))).await.unwrap();
+    broker.send(&dest, Message::new("in an hour").with_delay(Duration::from_secs(3600))).await.unwrap();
+    assert_eq!(broker.stats(&source).await.unwrap().delayed, 1);
+    // With tokio's clock paused, an hour passes instantly once every task is idle.
+    let d = consumer.receive_one(Duration::from_secs(3601)).await.unwrap().expect("due after an hour");
+    assert_eq!(d.attempt(), 1);
+    drop(d); // unsettled: back after the 30 s lease
+    let again = consumer.receive_one(Duration::from_secs(31)).await.unwrap().expect("lease expired");
+    assert_eq!(again.attempt(), 2);
+    again.ack().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn dedup_ids_are_forgotten_after_the_window() {
+    let broker = LocalBroker::with_config(LocalConfig { dedup_window: Duration::from_secs(60), ..Default::default() });
+    let (source, dest) = orders();
+    broker.declare(&source).await.unwrap();
+    broker.send(&dest, Message::new("1").with_dedup_id("x")).await.unwrap();
+    broker.send(&dest, Message::new("2").with_dedup_id("x")).await.unwrap();
+    tokio::time::advance(Duration::from_secs(61)).await;
+    broker.send(&dest, Message::new("3").with_dedup_id("x")).await.unwrap();
+    assert_eq!(broker.stats(&source).await.unwrap().depth, 2);
+}
+
+#[test]
+fn url_options_are_checked_with_the_key_named() {
+    let err = LocalConfig::from_url("memory://?capacity=lots").unwrap_err();
+    assert_eq!(err.to_string(), "configuration memory.capacity: expected a whole number of messages, got \"lots\"");
+    let err = LocalConfig::from_url("memory://?when_full=drop").unwrap_err();
+    assert!(err.to_string().contains("expected wait or error"), "{err}");
+    let err = LocalConfig::from_url("memory://?colour=blue").unwrap_err();
+    assert!(err.to_string().contains("memory.colour: unknown option"), "{err}");
+    let err = LocalConfig::from_url("amqp://localhost").unwrap_err();
+    assert!(err.to_string().contains("memory:// URLs"), "{err}");
+    let ok = LocalConfig::from_url("memory://?capacity=10&when_full=wait&dedup_window_secs=5&max_payload=100").unwrap();
+    assert_eq!((ok.capacity, ok.dedup_window, ok.max_payload), (Some(10), Duration::from_secs(5), 100));
+}
+
+#[tokio::test]
+async fn stats_and_purge_of_an_unknown_source_say_it_does_not_exist() {
+    let broker = LocalBroker::new();
+    let err = broker.stats(&Source::queue("nope").unwrap()).await.unwrap_err();
+    assert_eq!(err.to_string(), "queue \"nope\" does not exist; declare it first or enable creation");
+}
