@@ -9,7 +9,7 @@ use async_trait::async_trait;
 
 use crate::destination::Source;
 use crate::error::{Error, Result};
-use crate::message::Message;
+use crate::message::{Message, MessageId};
 
 /// How a backend settles one delivery. Adapter authors implement this; users call the
 /// methods on [`Delivery`], which guarantees each delivery is settled at most once.
@@ -37,7 +37,8 @@ const SETTLED: u8 = 2;
 /// delivery is handed back unsettled so the caller may try again; a delivery dropped
 /// without settlement comes back after its lease.
 ///
-/// It dereferences to its [`Message`].
+/// It dereferences to its [`Message`]; [`into_parts`](Self::into_parts) splits it into
+/// the message and a [`Receipt`] that settles it, so the message can be moved on.
 ///
 /// ```
 /// # use courier_core::{Broker, Message, Source};
@@ -53,6 +54,13 @@ const SETTLED: u8 = 2;
 /// ```
 pub struct Delivery {
     message: Message,
+    receipt: Receipt,
+}
+
+/// The right to settle one delivery, exactly once. Split from its message by
+/// [`Delivery::into_parts`].
+pub struct Receipt {
+    id: MessageId,
     attempt: u32,
     source: Source,
     acker: Box<dyn Acknowledger>,
@@ -62,7 +70,9 @@ pub struct Delivery {
 impl Delivery {
     /// Builds a delivery; for backend authors. `attempt` is 1 on first delivery.
     pub fn new(message: Message, attempt: u32, source: Source, acker: Box<dyn Acknowledger>) -> Self {
-        Delivery { message, attempt: attempt.max(1), source, acker, state: AtomicU8::new(UNSETTLED) }
+        let receipt =
+            Receipt { id: message.id.clone(), attempt: attempt.max(1), source, acker, state: AtomicU8::new(UNSETTLED) };
+        Delivery { message, receipt }
     }
 
     /// The message.
@@ -70,12 +80,74 @@ impl Delivery {
         &self.message
     }
 
+    /// The receipt that settles this delivery.
+    pub fn receipt(&self) -> &Receipt {
+        &self.receipt
+    }
+
+    /// Splits into the message and the receipt that settles it.
+    pub fn into_parts(self) -> (Message, Receipt) {
+        (self.message, self.receipt)
+    }
+
+    /// Which delivery this is: 1 the first time.
+    pub fn attempt(&self) -> u32 {
+        self.receipt.attempt
+    }
+
+    /// Where it was received from.
+    pub fn source(&self) -> &Source {
+        &self.receipt.source
+    }
+
+    /// Whether it has been settled.
+    pub fn is_settled(&self) -> bool {
+        self.receipt.is_settled()
+    }
+
+    /// Acknowledge: the message is done and is never delivered again.
+    pub async fn ack(&self) -> Result<()> {
+        self.receipt.ack().await
+    }
+
+    /// Redeliver as soon as possible (or dead-letter, if this was the last attempt).
+    pub async fn retry(&self) -> Result<()> {
+        self.receipt.retry().await
+    }
+
+    /// Redeliver no sooner than `delay` (or dead-letter, if this was the last attempt).
+    pub async fn retry_after(&self, delay: Duration) -> Result<()> {
+        self.receipt.retry_after(delay).await
+    }
+
+    /// Send to the dead-letter destination now, with `reason` in its headers.
+    pub async fn reject(&self, reason: &str) -> Result<()> {
+        self.receipt.reject(reason).await
+    }
+
+    /// Keep the lease for another `by` from now, for long work. Not a settlement.
+    pub async fn extend_lease(&self, by: Duration) -> Result<()> {
+        self.receipt.extend_lease(by).await
+    }
+
+    /// The message, giving up the ability to settle (it will come back after its lease).
+    pub fn into_message(self) -> Message {
+        self.message
+    }
+}
+
+impl Receipt {
+    /// The id of the message this settles.
+    pub fn id(&self) -> &MessageId {
+        &self.id
+    }
+
     /// Which delivery this is: 1 the first time.
     pub fn attempt(&self) -> u32 {
         self.attempt
     }
 
-    /// Where it was received from.
+    /// Where the message was received from.
     pub fn source(&self) -> &Source {
         &self.source
     }
@@ -85,37 +157,37 @@ impl Delivery {
         self.state.load(Ordering::Acquire) == SETTLED
     }
 
-    /// Acknowledge: the message is done and is never delivered again.
+    /// See [`Delivery::ack`].
     pub async fn ack(&self) -> Result<()> {
         self.settle(self.acker.ack()).await
     }
 
-    /// Redeliver as soon as possible (or dead-letter, if this was the last attempt).
+    /// See [`Delivery::retry`].
     pub async fn retry(&self) -> Result<()> {
         self.settle(self.acker.retry(None)).await
     }
 
-    /// Redeliver no sooner than `delay` (or dead-letter, if this was the last attempt).
+    /// See [`Delivery::retry_after`].
     pub async fn retry_after(&self, delay: Duration) -> Result<()> {
         self.settle(self.acker.retry(Some(delay))).await
     }
 
-    /// Send to the dead-letter destination now, with `reason` in its headers.
+    /// See [`Delivery::reject`].
     pub async fn reject(&self, reason: &str) -> Result<()> {
         self.settle(self.acker.reject(reason)).await
     }
 
-    /// Keep the lease for another `by` from now, for long work. Not a settlement.
+    /// See [`Delivery::extend_lease`].
     pub async fn extend_lease(&self, by: Duration) -> Result<()> {
         if self.state.load(Ordering::Acquire) != UNSETTLED {
-            return Err(Error::AlreadySettled { id: self.message.id.clone() });
+            return Err(Error::AlreadySettled { id: self.id.clone() });
         }
         self.acker.extend_lease(by).await
     }
 
     async fn settle(&self, op: impl std::future::Future<Output = Result<()>>) -> Result<()> {
         if self.state.compare_exchange(UNSETTLED, SETTLING, Ordering::AcqRel, Ordering::Acquire).is_err() {
-            return Err(Error::AlreadySettled { id: self.message.id.clone() });
+            return Err(Error::AlreadySettled { id: self.id.clone() });
         }
         match op.await {
             Ok(()) => {
@@ -134,11 +206,6 @@ impl Delivery {
             }
         }
     }
-
-    /// The message, giving up the ability to settle (it will come back after its lease).
-    pub fn into_message(self) -> Message {
-        self.message
-    }
 }
 
 impl Deref for Delivery {
@@ -150,8 +217,14 @@ impl Deref for Delivery {
 
 impl fmt::Debug for Delivery {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Delivery")
-            .field("id", &self.message.id)
+        f.debug_struct("Delivery").field("message", &self.message).field("receipt", &self.receipt).finish()
+    }
+}
+
+impl fmt::Debug for Receipt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Receipt")
+            .field("id", &self.id)
             .field("source", &self.source)
             .field("attempt", &self.attempt)
             .field("settled", &self.is_settled())

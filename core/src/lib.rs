@@ -28,7 +28,7 @@ pub use broker::{Broker, Consumer, ConsumerOptions, DynBroker, Stats};
 pub use bytes::Bytes;
 pub use capabilities::{Capabilities, Feature};
 pub use codec::{Codec, Json};
-pub use delivery::{Acknowledger, Delivery};
+pub use delivery::{Acknowledger, Delivery, Receipt};
 pub use destination::{Destination, Name, Source, MAX_NAME_LEN};
 pub use error::{BoxError, Error, Result};
 pub use message::{headers, Headers, Message, MessageId};

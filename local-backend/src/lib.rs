@@ -381,7 +381,8 @@ impl Broker for LocalBroker {
             max_attempts: options.max_attempts,
             dead_letter: options.dead_letter_for(source),
         });
-        Ok(Box::new(LocalConsumer { queue, source: source.clone(), policy, closed: AtomicBool::new(false) }))
+        let handle = Arc::new(ConsumerHandle { queue });
+        Ok(Box::new(LocalConsumer { handle, source: source.clone(), policy, closed: AtomicBool::new(false) }))
     }
 
     async fn declare(&self, source: &Source) -> Result<()> {
@@ -413,8 +414,15 @@ impl Broker for LocalBroker {
     }
 }
 
-struct LocalConsumer {
+/// What a consumer's deliveries point to. Each delivery clones this `Arc` rather than
+/// the queue's: the queue's reference count shares a cache line with its lock, which
+/// producers take, and per-delivery count updates there slow both sides down.
+struct ConsumerHandle {
     queue: Arc<Queue>,
+}
+
+struct LocalConsumer {
+    handle: Arc<ConsumerHandle>,
     source: Source,
     policy: Arc<ConsumerPolicy>,
     closed: AtomicBool,
@@ -427,26 +435,26 @@ impl Consumer for LocalConsumer {
     }
 
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
-        let taken = self.queue.take(max, wait, &self.policy, &self.closed).await?;
+        let taken = self.handle.queue.take(max, wait, &self.policy, &self.closed).await?;
         Ok(taken
             .into_iter()
-            .map(|(tag, entry)| {
-                let acker = LocalAcker { queue: self.queue.clone(), tag, id: entry.id.clone() };
-                Delivery::new(entry.to_message(), entry.deliveries, self.source.clone(), Box::new(acker))
+            .map(|(tag, attempt, message)| {
+                let acker = LocalAcker { consumer: self.handle.clone(), tag, id: message.id.clone() };
+                Delivery::new(message, attempt, self.source.clone(), Box::new(acker))
             })
             .collect())
     }
 
     async fn close(&self) -> Result<()> {
         if !self.closed.swap(true, Ordering::AcqRel) {
-            self.queue.release_consumer(self.policy.id);
+            self.handle.queue.release_consumer(self.policy.id);
         }
         Ok(())
     }
 }
 
 struct LocalAcker {
-    queue: Arc<Queue>,
+    consumer: Arc<ConsumerHandle>,
     tag: u64,
     id: MessageId,
 }
@@ -454,18 +462,18 @@ struct LocalAcker {
 #[async_trait]
 impl Acknowledger for LocalAcker {
     async fn ack(&self) -> Result<()> {
-        self.queue.ack(self.tag, &self.id)
+        self.consumer.queue.ack(self.tag, &self.id)
     }
 
     async fn retry(&self, delay: Option<Duration>) -> Result<()> {
-        self.queue.retry(self.tag, &self.id, delay)
+        self.consumer.queue.retry(self.tag, &self.id, delay)
     }
 
     async fn reject(&self, reason: &str) -> Result<()> {
-        self.queue.reject(self.tag, &self.id, reason)
+        self.consumer.queue.reject(self.tag, &self.id, reason)
     }
 
     async fn extend_lease(&self, by: Duration) -> Result<()> {
-        self.queue.extend(self.tag, &self.id, by)
+        self.consumer.queue.extend(self.tag, &self.id, by)
     }
 }

@@ -2,7 +2,8 @@
 //! delays, capacity, and the timer task that drives leases and delays.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -65,6 +66,85 @@ pub(crate) struct DeadLetter {
     pub to: Destination,
 }
 
+type InFlightMap = HashMap<u64, InFlight, BuildHasherDefault<TagHasher>>;
+
+/// Lease deadlines in expiry order, cheap on the per-message path.
+///
+/// Deliveries of one consumer get deadlines in time order, so most go on a deque; the
+/// rest (extensions, consumers with different leases) go in an ordered set. Deque
+/// entries of settled deliveries are dropped from the front as they are settled, and
+/// the deque is compacted when stale entries outnumber live ones, so its size stays
+/// proportional to what is in flight.
+#[derive(Default)]
+struct Leases {
+    in_order: VecDeque<(Instant, u64)>,
+    out_of_order: BTreeSet<(Instant, u64)>,
+}
+
+impl Leases {
+    fn add(&mut self, deadline: Instant, tag: u64) {
+        if self.in_order.back().is_none_or(|&(last, _)| last <= deadline) {
+            self.in_order.push_back((deadline, tag));
+        } else {
+            self.out_of_order.insert((deadline, tag));
+        }
+    }
+
+    /// Forgets the lease `(deadline, tag)`, whose delivery was settled, extended or
+    /// handed back (and is no longer in `in_flight` with that deadline).
+    fn settled(&mut self, deadline: Instant, tag: u64, in_flight: &InFlightMap) {
+        if !self.out_of_order.is_empty() && self.out_of_order.remove(&(deadline, tag)) {
+            return;
+        }
+        let live = |&(d, t): &(Instant, u64)| in_flight.get(&t).is_some_and(|f| f.deadline == d);
+        while self.in_order.front().is_some_and(|e| !live(e)) {
+            self.in_order.pop_front();
+        }
+        if self.in_order.len() > 1024 && self.in_order.len() > 2 * in_flight.len() {
+            self.in_order.retain(live);
+        }
+    }
+
+    fn first(&self) -> Option<(Instant, u64)> {
+        match (self.in_order.front(), self.out_of_order.first()) {
+            (Some(a), Some(b)) => Some(*a.min(b)),
+            (a, b) => a.or(b).copied(),
+        }
+    }
+
+    fn pop_first(&mut self) {
+        let from_set = match (self.in_order.front(), self.out_of_order.first()) {
+            (Some(a), Some(b)) => b < a,
+            (None, Some(_)) => true,
+            _ => false,
+        };
+        if from_set {
+            self.out_of_order.pop_first();
+        } else {
+            self.in_order.pop_front();
+        }
+    }
+}
+
+/// Delivery tags are sequential numbers: one multiply spreads them well enough, far
+/// cheaper than SipHash on the per-message path.
+#[derive(Default)]
+struct TagHasher(u64);
+
+impl Hasher for TagHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8 | *b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 #[derive(Default)]
 struct State {
     /// Messages any consumer may take now.
@@ -73,8 +153,8 @@ struct State {
     /// key waiting behind it. A key absent here is free.
     keys: HashMap<String, VecDeque<Entry>>,
     waiting_behind_keys: usize,
-    in_flight: BTreeMap<u64, InFlight>,
-    leases: BTreeSet<(Instant, u64)>,
+    in_flight: InFlightMap,
+    leases: Leases,
     delayed: BinaryHeap<Reverse<Delayed>>,
     /// Every message held: ready, waiting, in flight and delayed.
     held: usize,
@@ -168,13 +248,13 @@ impl Queue {
     /// Adds messages for which room was reserved, each with an optional delay.
     pub fn push(&self, entries: impl IntoIterator<Item = (Entry, Option<Duration>)>) {
         let mut st = self.lock();
-        let now = Instant::now();
+        let mut now = None;
         let mut ready = false;
         let mut soonest: Option<Instant> = None;
         for (entry, delay) in entries {
             match delay.filter(|d| !d.is_zero()) {
                 Some(delay) => {
-                    let due = now + delay;
+                    let due = *now.get_or_insert_with(Instant::now) + delay;
                     let seq = st.next_seq;
                     st.next_seq += 1;
                     st.delayed.push(Reverse(Delayed { due, seq, entry, retry: false }));
@@ -219,9 +299,11 @@ impl Queue {
         wait: Duration,
         policy: &Arc<ConsumerPolicy>,
         consumer_closed: &std::sync::atomic::AtomicBool,
-    ) -> Result<Vec<(u64, Entry)>> {
-        let deadline = Instant::now() + wait;
+    ) -> Result<Vec<(u64, u32, courier_core::Message)>> {
+        let started = Instant::now();
+        let deadline = started + wait;
         let max = max.max(1);
+        let mut first_try = true;
         loop {
             let notified = self.readable.notified();
             tokio::pin!(notified);
@@ -235,7 +317,8 @@ impl Queue {
                     return Err(Error::Closed { what: "broker" });
                 }
                 if !st.ready.is_empty() {
-                    let lease_deadline = Instant::now() + policy.lease;
+                    let now = if first_try { started } else { Instant::now() };
+                    let lease_deadline = now + policy.lease;
                     let n = max.min(st.ready.len());
                     let mut taken = Vec::with_capacity(n);
                     for _ in 0..n {
@@ -243,8 +326,8 @@ impl Queue {
                         entry.deliveries += 1;
                         let tag = st.next_tag;
                         st.next_tag += 1;
-                        taken.push((tag, entry.clone()));
-                        st.leases.insert((lease_deadline, tag));
+                        taken.push((tag, entry.deliveries, entry.to_message()));
+                        st.leases.add(lease_deadline, tag);
                         st.in_flight.insert(tag, InFlight { entry, deadline: lease_deadline, policy: policy.clone() });
                     }
                     self.arm(&mut st, lease_deadline);
@@ -257,6 +340,7 @@ impl Queue {
                     return Ok(taken);
                 }
             }
+            first_try = false;
             tokio::select! {
                 _ = &mut notified => {}
                 _ = tokio::time::sleep_until(deadline) => return Ok(Vec::new()),
@@ -272,9 +356,10 @@ impl Queue {
     pub fn ack(&self, tag: u64, id: &MessageId) -> Result<()> {
         let mut st = self.lock();
         let flight = st.in_flight.remove(&tag).ok_or_else(|| Self::settle_lost(id))?;
-        st.leases.remove(&(flight.deadline, tag));
+        st.forget_lease(flight.deadline, tag);
         let woke = st.finish(&flight.entry);
         drop(st);
+        drop(flight); // outside the lock
         self.after_finish(woke);
         Ok(())
     }
@@ -283,7 +368,7 @@ impl Queue {
     pub fn retry(&self, tag: u64, id: &MessageId, delay: Option<Duration>) -> Result<()> {
         let mut st = self.lock();
         let flight = st.in_flight.remove(&tag).ok_or_else(|| Self::settle_lost(id))?;
-        st.leases.remove(&(flight.deadline, tag));
+        st.forget_lease(flight.deadline, tag);
         let flight_entry = match st.use_attempt(flight, "retry") {
             AfterFailure::TryAgain(entry) => entry,
             AfterFailure::DeadLetter(dead) => {
@@ -312,8 +397,8 @@ impl Queue {
     pub fn reject(&self, tag: u64, id: &MessageId, reason: &str) -> Result<()> {
         let mut st = self.lock();
         let flight = st.in_flight.remove(&tag).ok_or_else(|| Self::settle_lost(id))?;
-        st.leases.remove(&(flight.deadline, tag));
-        let dead = st.remove_for_dead_letter(flight, format!("rejected: {reason}"));
+        st.forget_lease(flight.deadline, tag);
+        let dead = st.remove_for_dead_letter(flight, reason.to_owned());
         drop(st);
         self.dead_letter(dead)
     }
@@ -324,8 +409,8 @@ impl Queue {
         let deadline = Instant::now() + by;
         let flight = st.in_flight.get_mut(&tag).ok_or_else(|| Self::settle_lost(id))?;
         let old = std::mem::replace(&mut flight.deadline, deadline);
-        st.leases.remove(&(old, tag));
-        st.leases.insert((deadline, tag));
+        st.forget_lease(old, tag);
+        st.leases.add(deadline, tag);
         self.arm(&mut st, deadline);
         Ok(())
     }
@@ -333,11 +418,13 @@ impl Queue {
     /// Hands a closing consumer's unsettled deliveries to the others.
     pub fn release_consumer(&self, consumer: u64) {
         let mut st = self.lock();
-        let tags: Vec<u64> =
+        let mut tags: Vec<u64> =
             st.in_flight.iter().filter(|(_, f)| f.policy.id == consumer).map(|(tag, _)| *tag).collect();
+        // Oldest first back at the front of the line.
+        tags.sort_unstable();
         for tag in tags.iter().rev() {
             let flight = st.in_flight.remove(tag).expect("listed above");
-            st.leases.remove(&(flight.deadline, *tag));
+            st.forget_lease(flight.deadline, *tag);
             st.ready.push_front(flight.entry);
         }
         drop(st);
@@ -362,12 +449,16 @@ impl Queue {
                 }
                 woke = true;
             }
-            while let Some(&(deadline, tag)) = st.leases.first() {
+            while let Some((deadline, tag)) = st.leases.first() {
                 if deadline > now {
                     break;
                 }
                 st.leases.pop_first();
-                let Some(flight) = st.in_flight.remove(&tag) else { continue };
+                // Skip leases that were settled or extended since.
+                if st.in_flight.get(&tag).is_none_or(|f| f.deadline != deadline) {
+                    continue;
+                }
+                let flight = st.in_flight.remove(&tag).expect("checked above");
                 match st.use_attempt(flight, "lease expiry") {
                     // An expired lease is the oldest work around: first in line.
                     AfterFailure::TryAgain(entry) => st.ready.push_front(entry),
@@ -456,6 +547,10 @@ impl Queue {
 }
 
 impl State {
+    fn forget_lease(&mut self, deadline: Instant, tag: u64) {
+        self.leases.settled(deadline, tag, &self.in_flight);
+    }
+
     /// Adds a fresh message, behind its key's current message if the key is busy.
     fn enqueue(&mut self, entry: Entry) {
         match entry.ordering_key() {

@@ -1,0 +1,348 @@
+//! The `courier` command: send, consume, inspect and redrive messages on any backend,
+//! and run the demo.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use courier::{headers, Config, Destination, DynBroker, Error, Message, Source};
+use tokio::io::AsyncBufReadExt;
+
+#[derive(Parser)]
+#[command(name = "courier", version, about = "Send, consume, inspect and redrive messages on any Courier backend")]
+struct Cli {
+    /// Backend URL (memory://, amqp://, kafka://, sqs://); overrides the config file.
+    #[arg(long, global = true, env = "COURIER_BACKEND", hide_env_values = true)]
+    backend: Option<String>,
+    /// TOML config file.
+    #[arg(long, global = true, env = "COURIER_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the order-pipeline demo (on memory:// unless a backend is configured).
+    Demo {
+        /// Orders to send (at least 10).
+        #[arg(long, default_value_t = 20)]
+        orders: u64,
+    },
+    /// Send messages: the given texts, or one per line from a file or stdin.
+    Send(SendArgs),
+    /// Receive messages and print them.
+    Consume(ConsumeArgs),
+    /// Show counts for sources.
+    Stats {
+        /// Sources: queue:NAME or topic:NAME/SUBSCRIPTION.
+        #[arg(required = true)]
+        sources: Vec<String>,
+    },
+    /// List or redrive dead-lettered messages.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+#[derive(Args)]
+struct SendArgs {
+    /// Destination: queue:NAME or topic:NAME.
+    #[arg(long)]
+    to: String,
+    /// Header NAME=VALUE (repeatable).
+    #[arg(long = "header", value_parser = parse_header)]
+    headers: Vec<(String, String)>,
+    /// Ordering key.
+    #[arg(long)]
+    key: Option<String>,
+    /// Content type.
+    #[arg(long)]
+    content_type: Option<String>,
+    /// Delay in seconds.
+    #[arg(long)]
+    delay_secs: Option<u64>,
+    /// Read one message per line from this file ("-" for stdin).
+    #[arg(long, conflicts_with = "messages")]
+    file: Option<PathBuf>,
+    /// Message texts.
+    messages: Vec<String>,
+}
+
+#[derive(Args)]
+struct ConsumeArgs {
+    /// Source: queue:NAME or topic:NAME/SUBSCRIPTION.
+    #[arg(long)]
+    from: String,
+    /// Stop after this many messages (default: until none arrive for --wait-secs).
+    #[arg(long)]
+    count: Option<usize>,
+    /// Keep waiting for new messages until Ctrl-C.
+    #[arg(long)]
+    follow: bool,
+    /// Seconds to wait for messages before stopping (without --follow).
+    #[arg(long, default_value_t = 2)]
+    wait_secs: u64,
+    /// Leave messages unsettled (they come back after their lease) instead of acking.
+    #[arg(long)]
+    peek: bool,
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// Print the dead letters of a source (they stay in the dead-letter queue).
+    List {
+        /// The source whose dead letters to show.
+        #[arg(long)]
+        from: String,
+    },
+    /// Send dead letters back to the destination they came from.
+    Redrive {
+        /// The source whose dead letters to redrive.
+        #[arg(long)]
+        from: String,
+        /// Redrive at most this many.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected NAME=VALUE, got {s:?}"))
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    // The demo narrates itself; elsewhere warnings (retries, dead letters) are worth seeing.
+    let default_filter = if matches!(cli.command, Command::Demo { .. }) { "error" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("COURIER_LOG").unwrap_or_else(|_| default_filter.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Error> {
+    let mut config = match &cli.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    config = config.with_env(std::env::vars().filter(|(k, _)| k.starts_with("COURIER_") && k != "COURIER_LOG"))?;
+    if let Some(url) = cli.backend {
+        config.backend = url;
+    }
+    let broker = config.connect().await?;
+    match cli.command {
+        Command::Demo { orders } => demo(broker, &config, orders).await,
+        Command::Send(args) => send(broker, args).await,
+        Command::Consume(args) => consume(broker, args).await,
+        Command::Stats { sources } => stats(broker, sources).await,
+        Command::Dlq { action: DlqAction::List { from } } => dlq_list(broker, &from).await,
+        Command::Dlq { action: DlqAction::Redrive { from, limit } } => dlq_redrive(broker, &from, limit).await,
+    }
+}
+
+async fn demo(broker: DynBroker, config: &Config, orders: u64) -> Result<(), Error> {
+    println!(
+        "Courier demo: order pipeline on {} ({} backend)",
+        courier::redact_url(&config.backend),
+        broker.capabilities().backend
+    );
+    let summary = courier::demo::run(broker, courier::demo::DemoOptions { orders, quiet: false }).await?;
+    println!("\n{summary}");
+    Ok(())
+}
+
+async fn send(broker: DynBroker, args: SendArgs) -> Result<(), Error> {
+    let to = Destination::parse(&args.to)?;
+    let build = |body: String| {
+        let mut m = Message::new(body);
+        m.headers.extend(args.headers.iter().cloned());
+        m.ordering_key = args.key.clone();
+        m.content_type = args.content_type.clone();
+        m.delay = args.delay_secs.map(Duration::from_secs);
+        m
+    };
+    let Some(file) = &args.file else {
+        for text in &args.messages {
+            let id = broker.send(&to, build(text.clone())).await?;
+            println!("{id}");
+        }
+        return Ok(());
+    };
+    // Bulk: batches, with a progress bar on stderr.
+    let reader: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if file.as_os_str() == "-" {
+        Box::new(tokio::io::stdin())
+    } else {
+        Box::new(
+            tokio::fs::File::open(file)
+                .await
+                .map_err(|e| Error::config("--file", format!("cannot open {}: {e}", file.display())))?,
+        )
+    };
+    let total = if file.as_os_str() == "-" {
+        None
+    } else {
+        std::fs::read_to_string(file).ok().map(|t| t.lines().count() as u64)
+    };
+    let bar = match total {
+        Some(n) => indicatif::ProgressBar::new(n),
+        None => indicatif::ProgressBar::new_spinner(),
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {pos}/{len} sent [{elapsed_precise}] {per_sec}")
+            .expect("valid template"),
+    );
+    let mut lines = tokio::io::BufReader::new(reader).lines();
+    let batch_size = broker.capabilities().max_batch.clamp(1, 100);
+    let mut batch = Vec::with_capacity(batch_size);
+    let mut sent = 0u64;
+    loop {
+        let line = lines.next_line().await.map_err(|e| Error::config("--file", format!("read failed: {e}")))?;
+        if let Some(line) = &line {
+            batch.push(build(line.clone()));
+        }
+        if batch.len() == batch_size || (line.is_none() && !batch.is_empty()) {
+            let n = batch.len() as u64;
+            broker.send_batch(&to, std::mem::take(&mut batch)).await?;
+            sent += n;
+            bar.inc(n);
+        }
+        if line.is_none() {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    eprintln!("sent {sent} messages to {to}");
+    Ok(())
+}
+
+fn print_message(out: &mut impl Write, m: &Message, attempt: u32) {
+    let body = match std::str::from_utf8(&m.payload) {
+        Ok(text) => text.to_owned(),
+        Err(_) => format!("<{} bytes, not UTF-8>", m.payload.len()),
+    };
+    let headers: Vec<String> = m.headers.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let _ = writeln!(out, "{}\tattempt={}\t{}\t{}", m.id, attempt, headers.join(","), body);
+}
+
+async fn consume(broker: DynBroker, args: ConsumeArgs) -> Result<(), Error> {
+    let source = Source::parse(&args.from)?;
+    let consumer = broker.consumer(&source, Default::default()).await?;
+    let mut seen = 0usize;
+    let stdout = std::io::stdout();
+    let wait = Duration::from_secs(args.wait_secs);
+    loop {
+        let want = args.count.map_or(100, |c| (c - seen).min(100));
+        let batch = tokio::select! {
+            r = consumer.receive(want, wait) => r?,
+            _ = courier::shutdown_signal() => break,
+        };
+        if batch.is_empty() && !args.follow {
+            break;
+        }
+        for d in batch {
+            print_message(&mut stdout.lock(), d.message(), d.attempt());
+            if !args.peek {
+                d.ack().await?;
+            }
+            seen += 1;
+        }
+        if args.count.is_some_and(|c| seen >= c) {
+            break;
+        }
+    }
+    consumer.close().await?;
+    eprintln!("{seen} message(s) from {source}");
+    Ok(())
+}
+
+async fn stats(broker: DynBroker, sources: Vec<String>) -> Result<(), Error> {
+    println!(
+        "{:<40} {:>8} {:>9} {:>8} {:>13} {:>10}",
+        "source", "depth", "in flight", "delayed", "dead-lettered", "oldest"
+    );
+    for s in sources {
+        let source = Source::parse(&s)?;
+        let st = broker.stats(&source).await?;
+        let oldest = st.oldest_age.map(|a| format!("{:.1}s", a.as_secs_f64())).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<40} {:>8} {:>9} {:>8} {:>13} {:>10}",
+            source.to_string(),
+            st.depth,
+            st.in_flight,
+            st.delayed,
+            st.dead_lettered,
+            oldest
+        );
+    }
+    Ok(())
+}
+
+fn dead_letter_source(from: &str) -> Result<Source, Error> {
+    Ok(Source::Queue(Source::parse(from)?.default_dead_letter().name().clone()))
+}
+
+async fn dlq_list(broker: DynBroker, from: &str) -> Result<(), Error> {
+    let dlq = dead_letter_source(from)?;
+    let consumer = broker.consumer(&dlq, Default::default()).await?;
+    let mut held = Vec::new();
+    loop {
+        let batch = consumer.receive(100, Duration::from_secs(1)).await?;
+        if batch.is_empty() {
+            break;
+        }
+        held.extend(batch);
+    }
+    let stdout = std::io::stdout();
+    for d in &held {
+        let reason = d.header(headers::DEAD_LETTER_REASON).unwrap_or("?");
+        let _ = writeln!(stdout.lock(), "{}\t{}\t{}", d.id, reason, String::from_utf8_lossy(&d.payload));
+    }
+    // Closing hands the listed messages back to the dead-letter queue untouched.
+    consumer.close().await?;
+    eprintln!("{} dead letter(s) in {dlq}", held.len());
+    Ok(())
+}
+
+async fn dlq_redrive(broker: DynBroker, from: &str, limit: Option<usize>) -> Result<(), Error> {
+    let dlq = dead_letter_source(from)?;
+    let fallback = Source::parse(from)?.destination();
+    let consumer = broker.consumer(&dlq, Default::default()).await?;
+    let mut moved = 0usize;
+    while limit.is_none_or(|l| moved < l) {
+        let want = limit.map_or(100, |l| (l - moved).min(100));
+        let batch = consumer.receive(want, Duration::from_secs(1)).await?;
+        if batch.is_empty() {
+            break;
+        }
+        for d in batch {
+            let origin = d
+                .header(headers::DEAD_LETTER_ORIGIN)
+                .and_then(|o| Source::parse(o).ok())
+                .map(|s| s.destination())
+                .unwrap_or_else(|| fallback.clone());
+            let mut message = d.message().clone();
+            for h in [headers::DEAD_LETTER_REASON, headers::DEAD_LETTER_ATTEMPTS, headers::DEAD_LETTER_ORIGIN] {
+                message.headers.remove(h);
+            }
+            // Send first, then ack: a crash in between duplicates rather than loses.
+            broker.send(&origin, message).await?;
+            d.ack().await?;
+            moved += 1;
+        }
+    }
+    consumer.close().await?;
+    eprintln!("redrove {moved} message(s) from {dlq}");
+    Ok(())
+}

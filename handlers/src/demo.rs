@@ -1,0 +1,236 @@
+//! The demo: an order pipeline that shows handlers, retries and dead-lettering on
+//! whichever backend is configured (`courier demo`).
+//!
+//! A producer sends orders to `…orders`; `validate_order` rejects an invalid order
+//! (straight to the dead-letter queue) and forwards the rest to `…payments`;
+//! `charge_payment` fails for one order every time, so it retries with backoff and
+//! then dead-letters. A third route watches both dead-letter queues.
+//!
+//! ```
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), courier::Error> {
+//! let broker = courier::connect("memory://").await?;
+//! let summary = courier::demo::run(broker, courier::demo::DemoOptions { orders: 10, quiet: true }).await?;
+//! assert_eq!(summary.charged, 8);
+//! assert_eq!(summary.dead_letters.len(), 2);
+//! # Ok(()) }
+//! ```
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use courier_core::{headers, Destination, DynBroker, Error, Message, Result, Source};
+use tokio::sync::Notify;
+
+use crate::handler::{Context, Json};
+use crate::retry::RetryPolicy;
+use crate::worker::{App, RouteOptions, RunReport};
+
+/// Order number whose payment always fails (retried, then dead-lettered).
+pub const FLAKY_ORDER: u64 = 7;
+/// Order number with an invalid total (dead-lettered at once).
+pub const INVALID_ORDER: u64 = 9;
+
+/// An order as the producer sends it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Order {
+    /// Order number.
+    pub id: u64,
+    /// Total in cents.
+    pub total_cents: i64,
+}
+
+/// A payment request derived from a valid order.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Payment {
+    /// The order it pays for.
+    pub order_id: u64,
+    /// Amount in cents.
+    pub amount_cents: i64,
+}
+
+/// Demo settings.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// How many orders to send (at least 10, so both failure cases occur).
+    pub orders: u64,
+    /// Print nothing while running.
+    pub quiet: bool,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions { orders: 20, quiet: false }
+    }
+}
+
+/// What the demo saw.
+#[derive(Debug, Clone)]
+pub struct DemoSummary {
+    /// Orders sent.
+    pub orders: u64,
+    /// Payments charged.
+    pub charged: u64,
+    /// Dead letters: message id, reason, attempts.
+    pub dead_letters: Vec<DeadLetterLine>,
+    /// The worker's counts.
+    pub report: RunReport,
+    /// How long it took.
+    pub elapsed: Duration,
+}
+
+/// One dead letter as the demo reports it.
+#[derive(Debug, Clone)]
+pub struct DeadLetterLine {
+    /// Where it came from.
+    pub origin: String,
+    /// Why.
+    pub reason: String,
+    /// Deliveries it had.
+    pub attempts: String,
+}
+
+#[derive(Default)]
+struct Progress {
+    charged: Mutex<u64>,
+    dead: Mutex<Vec<DeadLetterLine>>,
+    changed: Notify,
+    quiet: bool,
+}
+
+impl Progress {
+    fn say(&self, line: impl AsRef<str>) {
+        if !self.quiet {
+            println!("  {}", line.as_ref());
+        }
+    }
+    fn settled(&self) -> u64 {
+        *self.charged.lock().unwrap() + self.dead.lock().unwrap().len() as u64
+    }
+}
+
+/// Runs the pipeline on `broker` until every order is charged or dead-lettered.
+pub async fn run(broker: DynBroker, options: DemoOptions) -> Result<DemoSummary> {
+    let started = Instant::now();
+    let orders_total = options.orders.max(10);
+    // Names unique to this run, so leftovers of an earlier run on a real broker never mix in.
+    let run = format!("demo-{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let orders = Source::queue(&format!("{run}.orders"))?;
+    let payments = Source::queue(&format!("{run}.payments"))?;
+    let progress = Arc::new(Progress { quiet: options.quiet, ..Default::default() });
+    for source in [&orders, &payments] {
+        broker.declare(source).await?;
+        broker.declare(&Source::Queue(source.default_dead_letter().name().clone())).await?;
+    }
+
+    let validate_order = {
+        let (payments, progress) = (payments.destination(), progress.clone());
+        move |Json(order): Json<Order>, ctx: Context| {
+            let (payments, progress) = (payments.clone(), progress.clone());
+            async move {
+                if order.total_cents <= 0 {
+                    progress.say(format!("order {:>2}: invalid total {}; rejecting", order.id, order.total_cents));
+                    return Err(Error::fatal(format!("order {} has a non-positive total", order.id)));
+                }
+                let payment = Payment { order_id: order.id, amount_cents: order.total_cents };
+                ctx.send(&payments, Message::json(&payment)?.with_id(format!("payment-{}", order.id))).await?;
+                Ok(())
+            }
+        }
+    };
+    let max_attempts = 3;
+    let charge_payment = {
+        let progress = progress.clone();
+        move |Json(payment): Json<Payment>, ctx: Context| {
+            let progress = progress.clone();
+            async move {
+                if payment.order_id == FLAKY_ORDER {
+                    progress.say(format!(
+                        "order {:>2}: card issuer timed out (attempt {} of {max_attempts})",
+                        payment.order_id, ctx.attempt
+                    ));
+                    return Err(Error::retryable("card issuer timed out"));
+                }
+                *progress.charged.lock().unwrap() += 1;
+                progress.changed.notify_one();
+                Ok(())
+            }
+        }
+    };
+    let watch_dead_letters = {
+        let progress = progress.clone();
+        move |message: Message| {
+            let progress = progress.clone();
+            async move {
+                let line = DeadLetterLine {
+                    origin: message.header(headers::DEAD_LETTER_ORIGIN).unwrap_or("?").to_owned(),
+                    reason: message.header(headers::DEAD_LETTER_REASON).unwrap_or("?").to_owned(),
+                    attempts: message.header(headers::DEAD_LETTER_ATTEMPTS).unwrap_or("?").to_owned(),
+                };
+                progress.say(format!("dead letter from {}: {}", line.origin, line.reason));
+                progress.dead.lock().unwrap().push(line);
+                progress.changed.notify_one();
+            }
+        }
+    };
+
+    let retry = RetryPolicy::default()
+        .max_attempts(max_attempts)
+        .backoff(Duration::from_millis(100), Duration::from_secs(1))
+        .without_jitter();
+    let route = RouteOptions::default().concurrency(4).retry(retry);
+    let app = App::new(broker.clone())
+        .route_with(orders.clone(), validate_order, route.clone())
+        .route_with(payments.clone(), charge_payment, route.clone())
+        .route_with(
+            Source::Queue(orders.default_dead_letter().name().clone()),
+            watch_dead_letters.clone(),
+            route.clone(),
+        )
+        .route_with(Source::Queue(payments.default_dead_letter().name().clone()), watch_dead_letters, route)
+        .shutdown_grace(Duration::from_secs(5));
+
+    let batch: Vec<Message> = (1..=orders_total)
+        .map(|id| {
+            let total_cents = if id == INVALID_ORDER { -500 } else { 1_000 + id as i64 * 25 };
+            Message::json(&Order { id, total_cents }).map(|m| m.with_id(format!("order-{id}")))
+        })
+        .collect::<Result<_>>()?;
+    let to: Destination = orders.destination();
+    for chunk in batch.chunks(broker.capabilities().max_batch.clamp(1, 100)) {
+        broker.send_batch(&to, chunk.to_vec()).await?;
+    }
+    progress.say(format!("sent {orders_total} orders to {orders}"));
+
+    let done = {
+        let progress = progress.clone();
+        async move {
+            while progress.settled() < orders_total {
+                progress.changed.notified().await;
+            }
+        }
+    };
+    let report = app.run_until(done).await?;
+    let charged = *progress.charged.lock().unwrap();
+    let dead_letters = progress.dead.lock().unwrap().clone();
+    Ok(DemoSummary { orders: orders_total, charged, dead_letters, report, elapsed: started.elapsed() })
+}
+
+impl std::fmt::Display for DemoSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "Summary")?;
+        writeln!(f, "  orders sent     {:>4}", self.orders)?;
+        writeln!(f, "  charged         {:>4}", self.charged)?;
+        writeln!(f, "  dead-lettered   {:>4}", self.dead_letters.len())?;
+        for d in &self.dead_letters {
+            writeln!(f, "    from {} after {} attempt(s): {}", d.origin, d.attempts, d.reason)?;
+        }
+        let r = &self.report;
+        writeln!(
+            f,
+            "  worker          {} acked, {} retried, {} dead-lettered, {} interrupted",
+            r.acked, r.retried, r.dead_lettered, r.interrupted
+        )?;
+        write!(f, "  took            {:.2} s", self.elapsed.as_secs_f64())
+    }
+}

@@ -1,0 +1,61 @@
+//! # Courier
+//!
+//! Write a message handler once, run it on any queue: the in-process backend,
+//! RabbitMQ, Kafka or SQS, as a long-running worker or behind a FaaS trigger. The
+//! backend is chosen by configuration, not code.
+//!
+//! ```
+//! use std::time::Duration;
+//! use courier::{App, Broker, Destination, Json, Message, Source};
+//!
+//! #[derive(serde::Serialize, serde::Deserialize)]
+//! struct Order { id: u64, total_cents: i64 }
+//!
+//! /// A handler is a plain async function; `Json` decodes the payload.
+//! async fn handle_order(Json(order): Json<Order>) -> Result<(), courier::Error> {
+//!     if order.total_cents < 0 {
+//!         return Err(courier::Error::fatal("negative total")); // dead-lettered at once
+//!     }
+//!     Ok(()) // acked
+//! }
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), courier::Error> {
+//! // `memory://` here; `amqp://…`, `kafka://…` or `sqs://…` elsewhere, same code.
+//! let broker = courier::connect("memory://").await?;
+//! broker.send(&Destination::queue("orders")?, Message::json(&Order { id: 1, total_cents: 999 })?).await?;
+//!
+//! let report = App::new(broker)
+//!     .route(Source::queue("orders")?, handle_order)
+//!     .run_until(tokio::time::sleep(Duration::from_millis(200))) // `.run()` waits for Ctrl-C/SIGTERM
+//!     .await?;
+//! assert_eq!(report.acked, 1);
+//! # Ok(()) }
+//! ```
+//!
+//! - [`handler`](Handler): async functions with extractors ([`Json`], [`Context`], …),
+//!   returning an [`Outcome`] or a `Result`; tower layers wrap them ([`handler_service`]).
+//! - [`App`]: the worker; [`RetryPolicy`]: the single owner of retry versus dead letter.
+//! - [`connect`] and [`Config`]: the backend from a URL, a TOML file or `COURIER_*` variables.
+#![warn(missing_docs)]
+
+mod config;
+pub mod demo;
+mod handler;
+mod retry;
+mod trace;
+mod worker;
+
+pub use config::{connect, redact_url, Config, WorkerConfig, SCHEMES};
+pub use courier_core::{
+    headers, Broker, Bytes, Capabilities, Consumer, ConsumerOptions, Delivery, Destination, DynBroker, Error, Feature,
+    Headers, Message, MessageId, Result, Source, Stats,
+};
+pub use courier_local::LocalBroker;
+pub use handler::{
+    handler_service, BatchHandler, Context, FromIncoming, FromIncomingRef, Handler, HandlerService, Incoming,
+    IntoOutcome, Json, Outcome,
+};
+pub use retry::RetryPolicy;
+pub use trace::TraceParent;
+pub use worker::{shutdown_signal, App, RouteOptions, RunReport};

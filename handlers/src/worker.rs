@@ -1,0 +1,695 @@
+//! The worker (IaaS mode): several handlers bound to several sources in one process.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use courier_core::{
+    BoxError, Consumer, ConsumerOptions, Delivery, Destination, DynBroker, Error, Receipt, Result, Source,
+};
+use futures::FutureExt;
+use tokio_util::sync::CancellationToken;
+use tower::util::BoxCloneService;
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tracing::{field, Instrument};
+
+use crate::handler::{handler_service, outcome_of_box_error, BatchHandler, BoxFuture, Handler, Incoming, Outcome};
+use crate::retry::RetryPolicy;
+use crate::trace::TraceParent;
+
+/// How one route consumes and retries.
+///
+/// At most `concurrency` handlers of the route run at once; each fetches `batch`
+/// messages at a time, so at most `concurrency × batch` messages are held.
+///
+/// ```
+/// use std::time::Duration;
+/// use courier::{RetryPolicy, RouteOptions};
+///
+/// let options = RouteOptions::default()
+///     .concurrency(4)
+///     .timeout(Duration::from_secs(10))
+///     .retry(RetryPolicy::default().max_attempts(3));
+/// assert_eq!(options.concurrency, 4);
+/// ```
+#[derive(Debug, Clone)]
+pub struct RouteOptions {
+    /// Handlers running at once. Default 8.
+    pub concurrency: usize,
+    /// Messages fetched per receive by each of the `concurrency` loops. Default 10.
+    pub batch: usize,
+    /// The lease asked of the broker; extended while a handler runs long. Default 30 s.
+    pub lease: Duration,
+    /// Retries and dead-lettering.
+    pub retry: RetryPolicy,
+    /// A handler running longer than this counts as a retryable failure. Default none.
+    pub timeout: Option<Duration>,
+    /// Where dead letters go; default the source's `.dlq` queue.
+    pub dead_letter: Option<Destination>,
+}
+
+impl Default for RouteOptions {
+    fn default() -> Self {
+        RouteOptions {
+            concurrency: 8,
+            batch: 10,
+            lease: Duration::from_secs(30),
+            retry: RetryPolicy::default(),
+            timeout: None,
+            dead_letter: None,
+        }
+    }
+}
+
+impl RouteOptions {
+    /// Sets how many handlers run at once.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// Sets how many messages each loop fetches at a time.
+    pub fn batch(mut self, n: usize) -> Self {
+        self.batch = n.max(1);
+        self
+    }
+
+    /// Sets the lease.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Sets the retry policy.
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Sets the handler timeout.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Sets the dead-letter destination.
+    pub fn dead_letter(mut self, destination: Destination) -> Self {
+        self.dead_letter = Some(destination);
+        self
+    }
+}
+
+type RouteService = BoxCloneService<Incoming, Outcome, BoxError>;
+
+type BatchFn = Arc<dyn Fn(Vec<Incoming>) -> BoxFuture<Vec<Outcome>> + Send + Sync>;
+
+type HandlerFn = Arc<dyn Fn(Incoming) -> BoxFuture<Outcome> + Send + Sync>;
+
+#[derive(Clone)]
+enum Work {
+    /// One message per call of a plain handler: the fast path, no service stack.
+    Handler(HandlerFn),
+    /// One message per call of a tower service (layers, timeouts).
+    Each(RouteService),
+    /// Whole fetched batches per handler call.
+    Batch(BatchFn),
+}
+
+struct Route {
+    source: Source,
+    options: RouteOptions,
+    work: Work,
+}
+
+/// Counts of what a run did, returned when the worker stops.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RunReport {
+    /// Messages handled successfully and acked.
+    pub acked: u64,
+    /// Failed deliveries sent back for another attempt.
+    pub retried: u64,
+    /// Messages moved to a dead-letter destination.
+    pub dead_lettered: u64,
+    /// Deliveries left unsettled by shutdown (handed back to the broker).
+    pub interrupted: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    acked: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    interrupted: AtomicU64,
+}
+
+impl Counters {
+    fn report(&self) -> RunReport {
+        RunReport {
+            acked: self.acked.load(Ordering::Relaxed),
+            retried: self.retried.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            interrupted: self.interrupted.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The worker application: routes from sources to handlers, run until a shutdown signal.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use courier::{App, Broker, Destination, Json, LocalBroker, Message, Source};
+///
+/// #[derive(serde::Deserialize, serde::Serialize)]
+/// struct Order { id: u64 }
+///
+/// async fn handle_order(Json(order): Json<Order>) -> Result<(), courier::Error> {
+///     println!("handling order {}", order.id);
+///     Ok(())
+/// }
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), courier::Error> {
+/// let broker = Arc::new(LocalBroker::new());
+/// broker.send(&Destination::queue("orders")?, Message::json(&Order { id: 1 })?).await?;
+/// let report = App::new(broker)
+///     .route(Source::queue("orders")?, handle_order)
+///     .run_until(tokio::time::sleep(Duration::from_millis(200)))
+///     .await?;
+/// assert_eq!(report.acked, 1);
+/// # Ok(()) }
+/// ```
+pub struct App {
+    broker: DynBroker,
+    routes: Vec<Route>,
+    shutdown_grace: Duration,
+}
+
+impl App {
+    /// A worker on `broker` with no routes yet.
+    pub fn new(broker: DynBroker) -> Self {
+        App { broker, routes: Vec::new(), shutdown_grace: Duration::from_secs(30) }
+    }
+
+    /// Routes `source` to a handler function with default options.
+    pub fn route<H: Handler<Args>, Args: 'static>(self, source: Source, handler: H) -> Self {
+        self.route_with(source, handler, RouteOptions::default())
+    }
+
+    /// Routes `source` to a handler function with `options`.
+    pub fn route_with<H: Handler<Args>, Args: 'static>(
+        mut self,
+        source: Source,
+        handler: H,
+        options: RouteOptions,
+    ) -> Self {
+        if options.timeout.is_some() {
+            return self.route_service(source, handler_service(handler), options);
+        }
+        let work = Work::Handler(Arc::new(move |incoming| handler.handle(incoming)));
+        self.routes.push(Route { source, options, work });
+        self
+    }
+
+    /// Routes `source` to a tower service, e.g. a handler wrapped in layers.
+    pub fn route_service<S>(mut self, source: Source, service: S, options: RouteOptions) -> Self
+    where
+        S: Service<Incoming, Response = Outcome> + Clone + Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        let service = ServiceBuilder::new()
+            .option_layer(options.timeout.map(tower::timeout::TimeoutLayer::new))
+            .service(service.map_err(Into::into));
+        let service = BoxCloneService::new(service.map_err(Into::<BoxError>::into));
+        self.routes.push(Route { source, options, work: Work::Each(service) });
+        self
+    }
+
+    /// Routes `source` to a batch handler, called with each fetched batch (up to
+    /// `options.batch` messages) and settling each message by its own outcome.
+    pub fn route_batch<H: BatchHandler>(mut self, source: Source, handler: H, options: RouteOptions) -> Self {
+        let work = Work::Batch(Arc::new(move |batch| handler.handle(batch)));
+        self.routes.push(Route { source, options, work });
+        self
+    }
+
+    /// How long shutdown waits for in-flight handlers. Default 30 s.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.shutdown_grace = grace;
+        self
+    }
+
+    /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
+    pub async fn run(self) -> Result<RunReport> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Runs until `signal` completes, then shuts down gracefully: stops fetching,
+    /// lets in-flight handlers finish within the grace period and settles them, and
+    /// hands every unfinished delivery back to the broker for prompt redelivery.
+    pub async fn run_until(self, signal: impl Future<Output = ()> + Send) -> Result<RunReport> {
+        let stop = CancellationToken::new();
+        let hard_stop = CancellationToken::new();
+        // Checked per message: an atomic load, where the token's check takes a shared lock.
+        let stopping = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(Counters::default());
+        let mut consumers = Vec::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        for route in self.routes {
+            let consumer_options = ConsumerOptions {
+                lease: route.options.lease,
+                max_attempts: Some(route.options.retry.max_attempts),
+                dead_letter: route.options.dead_letter.clone(),
+                prefetch: route.options.batch * route.options.concurrency,
+            };
+            let consumer: Arc<dyn Consumer> = Arc::from(self.broker.consumer(&route.source, consumer_options).await?);
+            consumers.push(consumer.clone());
+            let shared = Arc::new(RouteRuntime::new(&route, self.broker.clone(), counters.clone()));
+            tracing::info!(source = %route.source, concurrency = route.options.concurrency, "route started");
+            for _ in 0..route.options.concurrency {
+                let loop_ = FetchLoop {
+                    route: shared.clone(),
+                    consumer: consumer.clone(),
+                    work: route.work.clone(),
+                    stop: stop.clone(),
+                    stopping: stopping.clone(),
+                    hard_stop: hard_stop.clone(),
+                };
+                tasks.spawn(loop_.run());
+            }
+        }
+        tokio::select! {
+            _ = signal => {}
+            _ = wait_all(&mut tasks) => {}
+        }
+        tracing::info!(grace = ?self.shutdown_grace, "shutting down: no new fetches, finishing in-flight work");
+        stopping.store(true, Ordering::Release);
+        stop.cancel();
+        if tokio::time::timeout(self.shutdown_grace, wait_all(&mut tasks)).await.is_err() {
+            tracing::warn!("grace period over: handing unfinished deliveries back to the broker");
+            hard_stop.cancel();
+            wait_all(&mut tasks).await;
+        }
+        for consumer in consumers {
+            if let Err(e) = consumer.close().await {
+                tracing::warn!(error = %e, "closing a consumer failed; its unsettled messages return after their lease");
+            }
+        }
+        let report = counters.report();
+        tracing::info!(?report, "worker stopped");
+        Ok(report)
+    }
+}
+
+async fn wait_all(tasks: &mut tokio::task::JoinSet<()>) {
+    while let Some(result) = tasks.join_next().await {
+        if let Err(e) = result {
+            tracing::error!(error = %e, "a fetch loop ended abnormally");
+        }
+    }
+}
+
+/// Completes on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+/// Per-route state shared by its fetch loops.
+struct RouteRuntime {
+    source: Source,
+    options: RouteOptions,
+    broker: DynBroker,
+    delayed_retry: bool,
+    lease_extension: bool,
+    counters: Arc<Counters>,
+    metrics: RouteMetrics,
+}
+
+struct RouteMetrics {
+    received: metrics::Counter,
+    succeeded: metrics::Counter,
+    retried: metrics::Counter,
+    dead_lettered: metrics::Counter,
+    /// Handler plus settlement, per message.
+    processing: metrics::Histogram,
+    in_flight: metrics::Gauge,
+}
+
+impl RouteRuntime {
+    fn new(route: &Route, broker: DynBroker, counters: Arc<Counters>) -> Self {
+        let caps = broker.capabilities();
+        let label = route.source.to_string();
+        // Handles are registered once so the per-message cost is an atomic add.
+        let metrics = RouteMetrics {
+            received: metrics::counter!("courier_messages_received_total", "source" => label.clone()),
+            succeeded: metrics::counter!("courier_messages_succeeded_total", "source" => label.clone()),
+            retried: metrics::counter!("courier_messages_retried_total", "source" => label.clone()),
+            dead_lettered: metrics::counter!("courier_messages_dead_lettered_total", "source" => label.clone()),
+            processing: metrics::histogram!("courier_message_processing_seconds", "source" => label.clone()),
+            in_flight: metrics::gauge!("courier_messages_in_flight", "source" => label),
+        };
+        RouteRuntime {
+            source: route.source.clone(),
+            options: route.options.clone(),
+            delayed_retry: caps.delayed_retry,
+            lease_extension: caps.lease_extension,
+            broker,
+            counters,
+            metrics,
+        }
+    }
+}
+
+struct FetchLoop {
+    route: Arc<RouteRuntime>,
+    consumer: Arc<dyn Consumer>,
+    work: Work,
+    stop: CancellationToken,
+    stopping: Arc<AtomicBool>,
+    hard_stop: CancellationToken,
+}
+
+impl FetchLoop {
+    async fn run(mut self) {
+        let mut failures = 0u32;
+        while !self.stopping.load(Ordering::Acquire) {
+            let received = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                r = self.consumer.receive(self.route.options.batch, Duration::from_secs(1)) => r,
+            };
+            let batch = match received {
+                Ok(batch) => {
+                    failures = 0;
+                    batch
+                }
+                Err(Error::Closed { .. }) => break,
+                Err(e) => {
+                    // The adapter already retried transient faults; back off before asking again.
+                    failures += 1;
+                    let pause = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
+                    tracing::warn!(source = %self.route.source, error = %e, ?pause, "receive failed");
+                    tokio::select! {
+                        _ = self.stop.cancelled() => break,
+                        _ = tokio::time::sleep(pause) => continue,
+                    }
+                }
+            };
+            // Messages of a loop are handled one after another, so one clock reading
+            // after each settlement ends one message's processing time and starts the next.
+            let mut mark = Instant::now();
+            if let Work::Batch(handler) = &self.work {
+                let handler = handler.clone();
+                let size = batch.len();
+                self.handle_batch(&handler, batch).await;
+                let per_message = mark.elapsed().as_secs_f64() / size as f64;
+                (0..size).for_each(|_| self.route.metrics.processing.record(per_message));
+                continue;
+            }
+            let mut batch = batch.into_iter();
+            while let Some(delivery) = batch.next() {
+                if self.stopping.load(Ordering::Acquire) {
+                    // Not started: leave unsettled; closing the consumer hands it back.
+                    self.route.counters.interrupted.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                self.handle(delivery, batch.as_slice()).await;
+                let now = Instant::now();
+                self.route.metrics.processing.record((now - mark).as_secs_f64());
+                mark = now;
+            }
+        }
+    }
+
+    fn incoming(&self, delivery: &Delivery) -> Incoming {
+        Incoming {
+            message: delivery.message().clone(),
+            attempt: delivery.attempt(),
+            source: self.route.source.clone(),
+            broker: Some(self.route.broker.clone()),
+        }
+    }
+
+    async fn handle_batch(&mut self, handler: &BatchFn, batch: Vec<Delivery>) {
+        let route = self.route.clone();
+        let span = tracing::info_span!("courier.handle_batch", source = %route.source, size = batch.len());
+        route.metrics.received.increment(batch.len() as u64);
+        let incoming = batch.iter().map(|d| self.incoming(d)).collect();
+        let call = AssertUnwindSafe(handler(incoming)).catch_unwind().map(|r| match r {
+            Ok(outcomes) => outcomes,
+            Err(panic) => vec![Outcome::retry(format!("batch handler panicked: {}", panic_text(&panic))); batch.len()],
+        });
+        let (first, rest) = batch.split_first().expect("receive returns at least one");
+        let outcomes = supervise(&route, &self.hard_stop, call, first.receipt(), rest).instrument(span.clone()).await;
+        let Some(mut outcomes) = outcomes else {
+            route.counters.interrupted.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            return;
+        };
+        if outcomes.len() != batch.len() {
+            tracing::error!(
+                outcomes = outcomes.len(),
+                messages = batch.len(),
+                "batch handler returned the wrong number of outcomes; retrying the unanswered"
+            );
+            let missing = Outcome::retry(format!(
+                "batch handler returned {} outcomes for {} messages",
+                outcomes.len(),
+                batch.len()
+            ));
+            outcomes.resize(batch.len(), missing);
+        }
+        for (delivery, outcome) in batch.into_iter().zip(outcomes) {
+            settle(&route, delivery.into_parts().1, outcome).instrument(span.clone()).await;
+        }
+    }
+
+    async fn handle(&mut self, delivery: Delivery, waiting: &[Delivery]) {
+        let route = self.route.clone();
+        let attempt = delivery.attempt();
+        let span = tracing::info_span!(
+            "courier.handle",
+            message.id = %delivery.id,
+            source = %route.source,
+            attempt,
+            trace_id = field::Empty,
+            outcome = field::Empty,
+        );
+        if !span.is_disabled() {
+            if let Some(trace) =
+                delivery.header(courier_core::headers::TRACEPARENT).and_then(|t| t.parse::<TraceParent>().ok())
+            {
+                span.record("trace_id", field::display(format_args!("{:032x}", trace.trace_id)));
+            }
+        }
+        route.metrics.received.increment(1);
+        route.metrics.in_flight.increment(1.0);
+        // The message moves into the handler; the receipt stays here to settle it.
+        let (message, receipt) = delivery.into_parts();
+        let incoming = Incoming { message, attempt, source: route.source.clone(), broker: Some(route.broker.clone()) };
+
+        let outcome = if span.is_disabled() {
+            self.run_handler(incoming, &receipt, waiting).await
+        } else {
+            // Boxed: the instrumented path is the rarer one, and keeping it out of this
+            // future keeps the per-message state small to move.
+            Box::pin(self.run_handler(incoming, &receipt, waiting).instrument(span.clone())).await
+        };
+        route.metrics.in_flight.decrement(1.0);
+        let Some(outcome) = outcome else {
+            span.record("outcome", "interrupted");
+            route.counters.interrupted.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        span.record("outcome", outcome.kind());
+        let _entered = span.enter();
+        if outcome == Outcome::Ack {
+            route.counters.acked.fetch_add(1, Ordering::Relaxed);
+            route.metrics.succeeded.increment(1);
+            match receipt.ack().await {
+                Ok(()) => return,
+                Err(e) if e.is_retryable() => {
+                    let result = Box::pin(with_settle_retries(|| receipt.ack())).await;
+                    report_settle_failure(result, &outcome);
+                }
+                Err(e) => report_settle_failure(Err(e), &outcome),
+            }
+            return;
+        }
+        Box::pin(settle(&route, receipt, outcome)).await;
+    }
+
+    async fn run_handler(&mut self, incoming: Incoming, receipt: &Receipt, waiting: &[Delivery]) -> Option<Outcome> {
+        let FetchLoop { route, hard_stop, work, .. } = self;
+        match work {
+            Work::Handler(handler) => {
+                let mut fut = AssertUnwindSafe(handler(incoming)).catch_unwind();
+                // Most handlers finish on the first poll: no timers, no boxing for them.
+                if let Poll::Ready(result) = futures::poll!(&mut fut) {
+                    return Some(outcome_or_panic(result));
+                }
+                Box::pin(supervise(route, hard_stop, fut.map(outcome_or_panic), receipt, waiting)).await
+            }
+            Work::Each(service) => {
+                Box::pin(supervise(route, hard_stop, dispatch(service, incoming), receipt, waiting)).await
+            }
+            Work::Batch(_) => unreachable!("batch routes use handle_batch"),
+        }
+    }
+}
+
+/// Drives a handler future, extending the leases of its deliveries while it runs long;
+/// `None` when shutdown's grace ran out first.
+async fn supervise<T>(
+    route: &RouteRuntime,
+    hard_stop: &CancellationToken,
+    fut: impl Future<Output = T>,
+    current: &Receipt,
+    waiting: &[Delivery],
+) -> Option<T> {
+    tokio::pin!(fut);
+    let lease = route.options.lease;
+    let extend = route.lease_extension;
+    loop {
+        tokio::select! {
+            biased;
+            outcome = &mut fut => return Some(outcome),
+            _ = hard_stop.cancelled() => return None,
+            _ = tokio::time::sleep(lease / 2), if extend => {
+                for r in std::iter::once(current).chain(waiting.iter().map(Delivery::receipt)) {
+                    if let Err(e) = r.extend_lease(lease).await {
+                        tracing::warn!(message.id = %r.id(), error = %e, "could not extend the lease; the message may be redelivered while still being handled");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn report_settle_failure(result: Result<()>, outcome: &Outcome) {
+    if let Err(e) = result {
+        tracing::warn!(error = %e, outcome = outcome.kind(), "settlement failed; the message returns after its lease");
+    }
+}
+
+/// Calls the service once, turning panics and service errors into outcomes.
+pub(crate) async fn dispatch<S>(service: &mut S, incoming: Incoming) -> Outcome
+where
+    S: Service<Incoming, Response = Outcome>,
+    S::Error: Into<BoxError>,
+{
+    let call = async {
+        match service.ready().await {
+            Ok(svc) => match svc.call(incoming).await {
+                Ok(outcome) => outcome,
+                Err(e) => outcome_of_box_error(e.into()),
+            },
+            Err(e) => outcome_of_box_error(e.into()),
+        }
+    };
+    catch_panics(call).await
+}
+
+/// A panic in a handler becomes a retryable failure of that message only.
+async fn catch_panics(fut: impl Future<Output = Outcome>) -> Outcome {
+    outcome_or_panic(AssertUnwindSafe(fut).catch_unwind().await)
+}
+
+fn outcome_or_panic(result: std::thread::Result<Outcome>) -> Outcome {
+    result.unwrap_or_else(|panic| Outcome::retry(format!("handler panicked: {}", panic_text(&panic))))
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic".to_owned())
+}
+
+/// Settles a delivery from its outcome; the retry policy decides retry versus dead letter.
+async fn settle(route: &RouteRuntime, delivery: Receipt, outcome: Outcome) {
+    let attempt = delivery.attempt();
+    let policy = &route.options.retry;
+    let result = match &outcome {
+        Outcome::Ack => {
+            route.counters.acked.fetch_add(1, Ordering::Relaxed);
+            route.metrics.succeeded.increment(1);
+            with_settle_retries(|| delivery.ack()).await
+        }
+        Outcome::Retry { reason, .. } if policy.is_last(attempt) => {
+            route.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            route.metrics.dead_lettered.increment(1);
+            tracing::warn!(reason, attempt, "giving up: dead-lettering");
+            let reason = format!("gave up after {attempt} attempts: {reason}");
+            with_settle_retries(|| delivery.reject(&reason)).await
+        }
+        Outcome::Retry { after, reason } => {
+            route.counters.retried.fetch_add(1, Ordering::Relaxed);
+            route.metrics.retried.increment(1);
+            let delay = after.unwrap_or_else(|| policy.delay_after(attempt));
+            tracing::info!(reason, ?delay, "retrying");
+            if route.delayed_retry {
+                with_settle_retries(|| delivery.retry_after(delay)).await
+            } else {
+                // The backend cannot delay a redelivery: hold the message for the delay,
+                // then hand it back, so the backoff is still honoured.
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    if let Err(e) = with_settle_retries(|| delivery.retry()).await {
+                        tracing::warn!(error = %e, "retry failed; the message returns after its lease");
+                    }
+                });
+                Ok(())
+            }
+        }
+        Outcome::Reject { reason } => {
+            route.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            route.metrics.dead_lettered.increment(1);
+            tracing::warn!(reason, "rejected: dead-lettering");
+            with_settle_retries(|| delivery.reject(reason)).await
+        }
+    };
+    report_settle_failure(result, &outcome);
+}
+
+/// Tries a settlement again on retryable errors (a failed settlement hands the delivery back).
+async fn with_settle_retries<'a, F, Fut>(mut settle: F) -> Result<()>
+where
+    F: FnMut() -> Fut + 'a,
+    Fut: Future<Output = Result<()>> + 'a,
+{
+    let mut pause = Duration::from_millis(50);
+    for _ in 0..4 {
+        match settle().await {
+            Err(e) if e.is_retryable() => {
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            other => return other,
+        }
+    }
+    settle().await
+}
