@@ -4,8 +4,9 @@
 //! expands [`conformance_tests!`](crate::conformance_tests) in one of its test files, the
 //! way `object_store` backends call its shared `integration` module:
 //!
-//! ```ignore
-//! // tests/conformance.rs of a backend crate (needs tokio as a dev-dependency)
+//! ```text
+//! // tests/conformance.rs of a backend crate (needs tokio as a dev-dependency);
+//! // tests/tests/local.rs in this repository is a compiled, running example.
 //! use courier_core::conformance::{Harness, Timing};
 //!
 //! struct MyHarness;

@@ -59,3 +59,8 @@ pub use handler::{
 pub use retry::RetryPolicy;
 pub use trace::TraceParent;
 pub use worker::{shutdown_signal, App, RouteOptions, RunReport};
+
+// The README's code blocks compile and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
