@@ -20,6 +20,7 @@ mod delivery;
 mod destination;
 mod error;
 mod message;
+mod url;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
@@ -32,3 +33,4 @@ pub use delivery::{Acknowledger, Delivery, Receipt};
 pub use destination::{Destination, Name, Source, MAX_NAME_LEN};
 pub use error::{BoxError, Error, Result};
 pub use message::{headers, Headers, Message, MessageId};
+pub use url::redact_url;

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use courier_core::redact_url;
 use courier_core::{DynBroker, Error, Result};
 
 use crate::retry::RetryPolicy;
@@ -35,19 +36,26 @@ pub async fn connect(url: &str) -> Result<DynBroker> {
     })?;
     match scheme {
         "memory" => Ok(Arc::new(courier_local::LocalBroker::from_url(url)?)),
-        "amqp" | "amqps" | "kafka" | "sqs" => Err(Error::config(
-            "backend",
-            format!(
-                "{scheme}:// needs the `{}` feature of the courier crate, which this build does not have; rebuild with `--features {}`",
-                feature_of(scheme),
-                feature_of(scheme)
-            ),
-        )),
+        #[cfg(feature = "amqp")]
+        "amqp" | "amqps" => Ok(Arc::new(courier_amqp::AmqpBroker::connect(url).await?)),
+        #[cfg(not(feature = "amqp"))]
+        "amqp" | "amqps" => Err(missing_feature(scheme)),
+        "kafka" | "sqs" => Err(missing_feature(scheme)),
         other => Err(Error::config(
             "backend",
             format!("unknown scheme {other:?} in {}; expected one of {}", redact_url(url), SCHEMES.join(", ")),
         )),
     }
+}
+
+fn missing_feature(scheme: &str) -> Error {
+    let feature = feature_of(scheme);
+    Error::config(
+        "backend",
+        format!(
+            "{scheme}:// needs the `{feature}` feature of the courier crate, which this build does not have; rebuild with `--features {feature}`"
+        ),
+    )
 }
 
 fn feature_of(scheme: &str) -> &str {
@@ -56,56 +64,6 @@ fn feature_of(scheme: &str) -> &str {
     } else {
         scheme
     }
-}
-
-/// A URL with its password and secret-looking query values replaced by `***`, for
-/// errors, logs and `Debug` output.
-///
-/// ```
-/// assert_eq!(
-///     courier::redact_url("amqp://app:s3cret@mq:5672/prod?token=abc&heartbeat=10"),
-///     "amqp://app:***@mq:5672/prod?token=***&heartbeat=10"
-/// );
-/// ```
-pub fn redact_url(url: &str) -> String {
-    let (head, query) = match url.split_once('?') {
-        Some((h, q)) => (h, Some(q)),
-        None => (url, None),
-    };
-    let mut out = match head.split_once("://") {
-        Some((scheme, rest)) => {
-            let (authority, path) = rest.split_once('/').map(|(a, p)| (a, Some(p))).unwrap_or((rest, None));
-            let authority = match authority.rsplit_once('@') {
-                Some((userinfo, host)) => match userinfo.split_once(':') {
-                    Some((user, _)) => format!("{user}:***@{host}"),
-                    None => format!("{userinfo}@{host}"),
-                },
-                None => authority.to_owned(),
-            };
-            match path {
-                Some(p) => format!("{scheme}://{authority}/{p}"),
-                None => format!("{scheme}://{authority}"),
-            }
-        }
-        None => head.to_owned(),
-    };
-    if let Some(query) = query {
-        let redacted: Vec<String> = query
-            .split('&')
-            .map(|pair| match pair.split_once('=') {
-                Some((k, _)) if is_secret_key(k) => format!("{k}=***"),
-                _ => pair.to_owned(),
-            })
-            .collect();
-        out.push('?');
-        out.push_str(&redacted.join("&"));
-    }
-    out
-}
-
-fn is_secret_key(key: &str) -> bool {
-    let k = key.to_ascii_lowercase();
-    ["password", "passwd", "secret", "token", "key", "credential", "sasl"].iter().any(|s| k.contains(s))
 }
 
 /// Courier's settings, from defaults, then a TOML file, then `COURIER_*` variables.

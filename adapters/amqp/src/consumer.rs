@@ -1,0 +1,272 @@
+//! Consuming: one channel per consumer, `basic.consume` with prefetch, and settlement.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use courier_core::{
+    headers, Acknowledger, Broker, Consumer, Delivery, Destination, Error, Feature, MessageId, Name, Result, Source,
+};
+use futures::{FutureExt, StreamExt};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::Acker;
+use lapin::{BasicProperties, Channel};
+
+use crate::session::{lapin_error, Session};
+use crate::{mapping, queue_name, AmqpBroker};
+
+/// What settling a delivery needs, shared by all of a consumer's deliveries.
+pub(crate) struct Settle {
+    broker: AmqpBroker,
+    source: Source,
+    /// Retries go straight back to the consumer's own queue (for a subscription, not
+    /// through the topic, which would reach every other subscription too).
+    retry_to: Destination,
+    dead_letter: Destination,
+    max_attempts: Option<u32>,
+}
+
+impl Settle {
+    pub(crate) fn new(
+        broker: AmqpBroker,
+        source: Source,
+        dead_letter: Destination,
+        max_attempts: Option<u32>,
+    ) -> Result<Self> {
+        let retry_to = Destination::Queue(Name::new("queue", &queue_name(&source))?);
+        Ok(Settle { broker, source, retry_to, dead_letter, max_attempts })
+    }
+}
+
+/// A consumer of one queue or subscription, on its own channel.
+///
+/// Messages are pushed by RabbitMQ up to the prefetch count and handed out by
+/// [`receive`](Consumer::receive). When the channel or connection is lost, the next
+/// `receive` subscribes again (reconnecting if needed); deliveries held from the lost
+/// channel answer settlement with [`Error::LeaseLost`], since RabbitMQ requeued them.
+pub struct AmqpConsumer {
+    session: Arc<Session>,
+    source: Source,
+    queue: String,
+    prefetch: u16,
+    settle: Arc<Settle>,
+    subscription: tokio::sync::Mutex<Option<Subscription>>,
+    closed: AtomicBool,
+}
+
+struct Subscription {
+    channel: Channel,
+    stream: lapin::Consumer,
+}
+
+impl AmqpConsumer {
+    pub(crate) async fn open(session: Arc<Session>, source: Source, prefetch: u16, settle: Settle) -> Result<Self> {
+        let consumer = AmqpConsumer {
+            queue: queue_name(&source),
+            session,
+            source,
+            prefetch,
+            settle: Arc::new(settle),
+            subscription: tokio::sync::Mutex::new(None),
+            closed: AtomicBool::new(false),
+        };
+        // Subscribe now so competing consumers share the queue from the start.
+        *consumer.subscription.lock().await = Some(consumer.subscribe().await?);
+        Ok(consumer)
+    }
+
+    async fn subscribe(&self) -> Result<Subscription> {
+        let channel = self.session.channel().await?;
+        let doing = format!("consume from {}", self.queue);
+        channel.basic_qos(self.prefetch, BasicQosOptions::default()).await.map_err(|e| lapin_error(&doing, e))?;
+        let stream = channel
+            .basic_consume(self.queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .map_err(|e| lapin_error(&doing, e))?;
+        Ok(Subscription { channel, stream })
+    }
+
+    fn delivery(&self, d: lapin::message::Delivery) -> Delivery {
+        let lapin::message::Delivery { data, properties, redelivered, acker, .. } = d;
+        let payload = Bytes::from(data);
+        let (message, attempt) = mapping::message(payload.clone(), &properties, redelivered);
+        let acker = Box::new(AmqpAcker {
+            settle: self.settle.clone(),
+            acker,
+            id: message.id.clone(),
+            attempt,
+            payload,
+            properties,
+        });
+        Delivery::new(message, attempt, self.source.clone(), acker)
+    }
+}
+
+#[async_trait]
+impl Consumer for AmqpConsumer {
+    fn source(&self) -> &Source {
+        &self.source
+    }
+
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut out = Vec::new();
+        let mut subscription = self.subscription.lock().await;
+        loop {
+            if self.closed.load(Ordering::Acquire) {
+                return Err(Error::Closed { what: "consumer" });
+            }
+            if subscription.is_none() {
+                // `subscribe` reconnects with backoff for up to the reconnect timeout
+                // before it gives up with a retryable error.
+                match self.subscribe().await {
+                    Ok(s) => *subscription = Some(s),
+                    Err(_) if !out.is_empty() => return Ok(out),
+                    Err(e) => return Err(e),
+                }
+            }
+            let stream = &mut subscription.as_mut().expect("subscribed above").stream;
+            let next = if out.is_empty() {
+                match tokio::time::timeout_at(deadline, stream.next()).await {
+                    Ok(next) => next,
+                    Err(_) => return Ok(out),
+                }
+            } else {
+                // Take what has already arrived, without waiting for more.
+                match stream.next().now_or_never() {
+                    Some(next) => next,
+                    None => return Ok(out),
+                }
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    out.push(self.delivery(delivery));
+                    if out.len() >= max {
+                        return Ok(out);
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(queue = %self.queue, error = %e, "RabbitMQ consumer lost; subscribing again");
+                    *subscription = None;
+                    if !out.is_empty() {
+                        return Ok(out);
+                    }
+                }
+                None => {
+                    tracing::warn!(queue = %self.queue, "RabbitMQ cancelled the consumer; subscribing again");
+                    *subscription = None;
+                    if !out.is_empty() {
+                        return Ok(out);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        if let Some(s) = self.subscription.lock().await.take() {
+            cancel(s).await;
+        }
+        Ok(())
+    }
+}
+
+/// Cancels the subscription and closes its channel: RabbitMQ requeues what was unsettled.
+async fn cancel(s: Subscription) {
+    if s.channel.status().connected() {
+        s.channel.basic_cancel(s.stream.tag(), BasicCancelOptions::default()).await.ok();
+        s.channel.close(200, "consumer closed".into()).await.ok();
+    }
+}
+
+impl Drop for AmqpConsumer {
+    fn drop(&mut self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Closing the channel hands prefetched messages back now rather than when the
+        // connection ends.
+        if let (Some(s), Ok(rt)) = (self.subscription.get_mut().take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(cancel(s));
+        }
+    }
+}
+
+impl std::fmt::Debug for AmqpConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpConsumer").field("queue", &self.queue).field("prefetch", &self.prefetch).finish()
+    }
+}
+
+/// Settles one delivery.
+struct AmqpAcker {
+    settle: Arc<Settle>,
+    acker: Acker,
+    id: MessageId,
+    attempt: u32,
+    payload: Bytes,
+    properties: BasicProperties,
+}
+
+impl AmqpAcker {
+    async fn ack_original(&self) -> Result<()> {
+        match self.acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => Ok(()),
+            // The channel is gone: RabbitMQ has requeued the message.
+            Ok(false) => Err(Error::LeaseLost { id: self.id.clone() }),
+            Err(e) if crate::session::retryable(&e) => Err(Error::LeaseLost { id: self.id.clone() }),
+            Err(e) => Err(lapin_error("ack", e)),
+        }
+    }
+
+    async fn dead_letter(&self, reason: &str) -> Result<()> {
+        let extra = [
+            (headers::DEAD_LETTER_REASON, reason.to_owned()),
+            (headers::DEAD_LETTER_ATTEMPTS, self.attempt.to_string()),
+            (headers::DEAD_LETTER_ORIGIN, self.settle.source.to_string()),
+        ];
+        let props = mapping::republished(&self.properties, &self.id, 1, &extra);
+        self.settle.broker.republish(&self.settle.dead_letter, None, &self.payload, props).await?;
+        self.ack_original().await
+    }
+
+    fn lost(&self) -> bool {
+        !self.acker.usable()
+    }
+}
+
+#[async_trait]
+impl Acknowledger for AmqpAcker {
+    async fn ack(&self) -> Result<()> {
+        self.ack_original().await
+    }
+
+    async fn retry(&self, delay: Option<Duration>) -> Result<()> {
+        if self.lost() {
+            return Err(Error::LeaseLost { id: self.id.clone() });
+        }
+        if let Some(max) = self.settle.max_attempts.filter(|max| self.attempt >= *max) {
+            return self.dead_letter(&format!("max attempts ({max}) reached on retry")).await;
+        }
+        let props = mapping::republished(&self.properties, &self.id, self.attempt + 1, &[]);
+        self.settle.broker.republish(&self.settle.retry_to, delay, &self.payload, props).await?;
+        self.ack_original().await
+    }
+
+    async fn reject(&self, reason: &str) -> Result<()> {
+        if self.lost() {
+            return Err(Error::LeaseLost { id: self.id.clone() });
+        }
+        self.dead_letter(reason).await
+    }
+
+    async fn extend_lease(&self, _by: Duration) -> Result<()> {
+        Err(self.settle.broker.capabilities().unsupported(Feature::LeaseExtension))
+    }
+}

@@ -1,0 +1,188 @@
+//! One connection to RabbitMQ, its publishing channel, and getting both back after a loss.
+//!
+//! lapin reports a dead connection or channel but does not reopen it (its own auto-recovery
+//! is experimental), so the session does: every caller asks [`Session::live`] for the
+//! current connection and publisher, and the first caller to see them dead reconnects with
+//! exponential backoff while the others wait for it. Consumers open their own channels on
+//! the same connection and re-subscribe the same way.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use courier_core::{Error, Result};
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Channel, Connection, ConnectionProperties, ErrorKind};
+
+use crate::config::AmqpConfig;
+use crate::BACKEND;
+
+/// The current connection and its confirm-mode publishing channel.
+#[derive(Clone)]
+pub(crate) struct Live {
+    pub connection: Arc<Connection>,
+    pub publisher: Channel,
+}
+
+impl Live {
+    fn healthy(&self) -> bool {
+        self.connection.status().connected() && self.publisher.status().connected()
+    }
+}
+
+pub(crate) struct Session {
+    pub config: AmqpConfig,
+    live: RwLock<Option<Live>>,
+    reconnecting: tokio::sync::Mutex<()>,
+    closed: AtomicBool,
+}
+
+impl Session {
+    pub async fn connect(config: AmqpConfig) -> Result<Arc<Self>> {
+        let session = Arc::new(Session {
+            config,
+            live: RwLock::new(None),
+            reconnecting: tokio::sync::Mutex::new(()),
+            closed: AtomicBool::new(false),
+        });
+        // Fail fast on a wrong URL or credentials instead of at the first send.
+        let live = session.open(None).await?;
+        *session.live.write().unwrap() = Some(live);
+        Ok(session)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub fn check_open(&self) -> Result<()> {
+        if self.is_closed() {
+            Err(Error::Closed { what: "broker" })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The connection and publisher, reconnecting if they were lost.
+    pub async fn live(&self) -> Result<Live> {
+        self.check_open()?;
+        if let Some(live) = self.live.read().unwrap().as_ref().filter(|l| l.healthy()) {
+            return Ok(live.clone());
+        }
+        let _one_reconnector = self.reconnecting.lock().await;
+        let current = self.live.read().unwrap().clone();
+        if let Some(live) = current.as_ref().filter(|l| l.healthy()) {
+            return Ok(live.clone());
+        }
+        let deadline = Instant::now() + self.config.reconnect_timeout;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            self.check_open()?;
+            match self.open(current.as_ref()).await {
+                Ok(live) => {
+                    tracing::info!(broker = %self.config.redacted(), "connected to RabbitMQ");
+                    *self.live.write().unwrap() = Some(live.clone());
+                    return Ok(live);
+                }
+                Err(e) if !e.is_retryable() => return Err(e),
+                Err(e) => {
+                    if Instant::now() + backoff > deadline {
+                        return Err(Error::Broker {
+                            backend: BACKEND,
+                            message: format!(
+                                "RabbitMQ at {} stayed unreachable for {:?} ({e}); is the broker running? Courier keeps reconnecting on the next call",
+                                self.config.redacted(),
+                                self.config.reconnect_timeout
+                            ),
+                            retryable: true,
+                            source: Some(Box::new(e)),
+                        });
+                    }
+                    tracing::warn!(broker = %self.config.redacted(), error = %e, ?backoff, "RabbitMQ connection lost; reconnecting");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// A fresh channel on the current connection, for a consumer or for declarations.
+    pub async fn channel(&self) -> Result<Channel> {
+        let live = self.live().await?;
+        match live.connection.create_channel().await {
+            Ok(channel) => Ok(channel),
+            Err(e) if retryable(&e) => {
+                // The connection died between the check and the call: reconnect once more.
+                *self.live.write().unwrap() = None;
+                let live = self.live().await?;
+                live.connection.create_channel().await.map_err(|e| lapin_error("open a channel", e))
+            }
+            Err(e) => Err(lapin_error("open a channel", e)),
+        }
+    }
+
+    async fn open(&self, previous: Option<&Live>) -> Result<Live> {
+        let connection = match previous.filter(|l| l.connection.status().connected()) {
+            Some(l) => l.connection.clone(),
+            None => Arc::new(
+                Connection::connect(self.config.uri(), ConnectionProperties::default())
+                    .await
+                    .map_err(|e| lapin_error(&format!("connect to {}", self.config.redacted()), e))?,
+            ),
+        };
+        let publisher = connection.create_channel().await.map_err(|e| lapin_error("open a channel", e))?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| lapin_error("enable publisher confirms", e))?;
+        Ok(Live { connection, publisher })
+    }
+
+    pub async fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let live = self.live.write().unwrap().take();
+        if let Some(live) = live {
+            if live.connection.status().connected() {
+                // Unconfirmed publishes were awaited by their senders; closing now is safe.
+                live.connection.close(200, "courier broker closed".into()).await.ok();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a lapin error is a lost connection or channel, which a reconnect can cure.
+pub(crate) fn retryable(e: &lapin::Error) -> bool {
+    match e.kind() {
+        ErrorKind::IOError(_)
+        | ErrorKind::InvalidChannelState(..)
+        | ErrorKind::InvalidConnectionState(_)
+        | ErrorKind::InvalidChannel(_)
+        | ErrorKind::MissingHeartbeatError => true,
+        // 320 connection-forced (broker shutting down), 541 internal error, 505/506 frame trouble.
+        ErrorKind::ProtocolError(amqp) => matches!(amqp.get_id(), 320 | 505 | 506 | 541),
+        _ => false,
+    }
+}
+
+/// A lapin error as a Courier error that says what was being done and what to do.
+pub(crate) fn lapin_error(doing: &str, e: lapin::Error) -> Error {
+    let hint = match e.kind() {
+        ErrorKind::ProtocolError(amqp) => match amqp.get_id() {
+            403 => "; check the user name, password and vhost permissions",
+            404 => "; the queue or exchange does not exist: declare it, or use declare=create",
+            406 => "; it exists with other settings (durability or x-queue-type): match them, e.g. queue_type=quorum in the URL",
+            _ => "",
+        },
+        ErrorKind::IOError(_) => "; is RabbitMQ running and reachable?",
+        _ => "",
+    };
+    let message = format!("could not {doing}: {e}{hint}");
+    if retryable(&e) {
+        Error::transient(BACKEND, message, e)
+    } else {
+        Error::permanent(BACKEND, message, e)
+    }
+}
