@@ -589,8 +589,16 @@ async fn supervise<T>(
 }
 
 fn report_settle_failure(result: Result<()>, outcome: &Outcome) {
-    if let Err(e) = result {
-        tracing::warn!(error = %e, outcome = outcome.kind(), "settlement failed; the message returns after its lease");
+    match result {
+        Ok(()) => {}
+        // Expected after a lost connection, often for a whole prefetch at once; the
+        // adapter already warned about the loss itself.
+        Err(e @ Error::LeaseLost { .. }) => {
+            tracing::debug!(error = %e, outcome = outcome.kind(), "settlement failed; the message will be delivered again")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, outcome = outcome.kind(), "settlement failed; the message returns after its lease")
+        }
     }
 }
 

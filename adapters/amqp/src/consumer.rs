@@ -15,7 +15,7 @@ use lapin::types::FieldTable;
 use lapin::Acker;
 use lapin::{BasicProperties, Channel};
 
-use crate::session::{lapin_error, Session};
+use crate::session::{lapin_error, within, Session};
 use crate::{mapping, queue_name, AmqpBroker};
 
 /// What settling a delivery needs, shared by all of a consumer's deliveries.
@@ -180,8 +180,8 @@ impl Consumer for AmqpConsumer {
 /// Cancels the subscription and closes its channel: RabbitMQ requeues what was unsettled.
 async fn cancel(s: Subscription) {
     if s.channel.status().connected() {
-        s.channel.basic_cancel(s.stream.tag(), BasicCancelOptions::default()).await.ok();
-        s.channel.close(200, "consumer closed".into()).await.ok();
+        within("cancel a consumer", s.channel.basic_cancel(s.stream.tag(), BasicCancelOptions::default())).await.ok();
+        within("close a channel", s.channel.close(200, "consumer closed".into())).await.ok();
     }
 }
 
@@ -216,6 +216,8 @@ struct AmqpAcker {
 
 impl AmqpAcker {
     async fn ack_original(&self) -> Result<()> {
+        // No timeout needed: lapin completes an ack's promise even when its channel or
+        // connection is gone (with the error that ended it).
         match self.acker.ack(BasicAckOptions::default()).await {
             Ok(true) => Ok(()),
             // The channel is gone: RabbitMQ has requeued the message.

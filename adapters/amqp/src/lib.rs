@@ -255,7 +255,11 @@ impl Inner {
             let mut last_error = None;
             for (n, &i) in pending.iter().enumerate() {
                 let (payload, props) = &messages[i];
-                match publish(&live.publisher, route, payload, props.clone()).await {
+                let published = tokio::time::timeout(
+                    session::CALL_TIMEOUT,
+                    publish(&live.publisher, route, payload, props.clone()),
+                );
+                match published.await.unwrap_or_else(|_| Err(lapin::ErrorKind::MissingHeartbeatError.into())) {
                     Ok(confirm) => confirms.push((i, confirm)),
                     Err(e) if retryable(&e) => {
                         again.extend_from_slice(&pending[n..]);
@@ -267,7 +271,12 @@ impl Inner {
             }
             let mut failure = None;
             for (i, confirm) in confirms {
-                match confirm.await {
+                // A confirm lost with its connection may never resolve: count it as unconfirmed.
+                let Ok(confirmed) = tokio::time::timeout(session::CALL_TIMEOUT, confirm).await else {
+                    again.push(i);
+                    continue;
+                };
+                match confirmed {
                     Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => {}
                     Ok(Confirmation::Ack(Some(returned))) => {
                         failure.get_or_insert(unroutable(route, returned.reply_code, returned.reply_text.as_str()));
@@ -418,7 +427,7 @@ async fn declare_source_on(channel: &Channel, source: &Source, mode: DeclareMode
 
 async fn close_quietly(channel: &Channel) {
     if channel.status().connected() {
-        channel.close(200, "done".into()).await.ok();
+        session::within("close a channel", channel.close(200, "done".into())).await.ok();
     }
 }
 

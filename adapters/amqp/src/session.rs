@@ -109,13 +109,15 @@ impl Session {
     /// A fresh channel on the current connection, for a consumer or for declarations.
     pub async fn channel(&self) -> Result<Channel> {
         let live = self.live().await?;
-        match live.connection.create_channel().await {
+        match within("open a channel", live.connection.create_channel()).await? {
             Ok(channel) => Ok(channel),
             Err(e) if retryable(&e) => {
                 // The connection died between the check and the call: reconnect once more.
                 *self.live.write().unwrap() = None;
                 let live = self.live().await?;
-                live.connection.create_channel().await.map_err(|e| lapin_error("open a channel", e))
+                within("open a channel", live.connection.create_channel())
+                    .await?
+                    .map_err(|e| lapin_error("open a channel", e))
             }
             Err(e) => Err(lapin_error("open a channel", e)),
         }
@@ -124,16 +126,17 @@ impl Session {
     async fn open(&self, previous: Option<&Live>) -> Result<Live> {
         let connection = match previous.filter(|l| l.connection.status().connected()) {
             Some(l) => l.connection.clone(),
-            None => Arc::new(
-                Connection::connect(self.config.uri(), ConnectionProperties::default())
-                    .await
-                    .map_err(|e| lapin_error(&format!("connect to {}", self.config.redacted()), e))?,
-            ),
+            None => {
+                let doing = format!("connect to {}", self.config.redacted());
+                let connect = Connection::connect(self.config.uri(), ConnectionProperties::default());
+                Arc::new(within(&doing, connect).await?.map_err(|e| lapin_error(&doing, e))?)
+            }
         };
-        let publisher = connection.create_channel().await.map_err(|e| lapin_error("open a channel", e))?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
+        let publisher = within("open a channel", connection.create_channel())
+            .await?
+            .map_err(|e| lapin_error("open a channel", e))?;
+        within("enable publisher confirms", publisher.confirm_select(ConfirmSelectOptions::default()))
+            .await?
             .map_err(|e| lapin_error("enable publisher confirms", e))?;
         Ok(Live { connection, publisher })
     }
@@ -146,11 +149,28 @@ impl Session {
         if let Some(live) = live {
             if live.connection.status().connected() {
                 // Unconfirmed publishes were awaited by their senders; closing now is safe.
-                live.connection.close(200, "courier broker closed".into()).await.ok();
+                within("close the connection", live.connection.close(200, "courier broker closed".into())).await.ok();
             }
         }
         Ok(())
     }
+}
+
+/// How long one call to the broker may take before the connection is presumed dead. A
+/// dead peer that sent no reset (a dropped network, a paused VM) would otherwise leave
+/// lapin's futures waiting until the heartbeat notices, or forever without heartbeats.
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Runs one broker call under [`CALL_TIMEOUT`]; running out is a retryable error.
+pub(crate) async fn within<T>(doing: &str, call: impl std::future::Future<Output = T>) -> Result<T> {
+    tokio::time::timeout(CALL_TIMEOUT, call).await.map_err(|_| Error::Broker {
+        backend: BACKEND,
+        message: format!(
+            "could not {doing}: RabbitMQ did not answer within {CALL_TIMEOUT:?}; is it overloaded or unreachable?"
+        ),
+        retryable: true,
+        source: None,
+    })
 }
 
 /// Whether a lapin error is a lost connection or channel, which a reconnect can cure.
