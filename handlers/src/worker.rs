@@ -524,21 +524,21 @@ impl FetchLoop {
             return;
         };
         span.record("outcome", outcome.kind());
-        let _entered = span.enter();
         if outcome == Outcome::Ack {
             route.counters.acked.fetch_add(1, Ordering::Relaxed);
             route.metrics.succeeded.increment(1);
             match receipt.ack().await {
                 Ok(()) => return,
+                // A span is never entered across an await: `instrument` it instead.
                 Err(e) if e.is_retryable() => {
-                    let result = Box::pin(with_settle_retries(|| receipt.ack())).await;
+                    let result = Box::pin(with_settle_retries(|| receipt.ack()).instrument(span)).await;
                     report_settle_failure(result, &outcome);
                 }
-                Err(e) => report_settle_failure(Err(e), &outcome),
+                Err(e) => span.in_scope(|| report_settle_failure(Err(e), &outcome)),
             }
             return;
         }
-        Box::pin(settle(&route, receipt, outcome)).await;
+        Box::pin(settle(&route, receipt, outcome).instrument(span)).await;
     }
 
     async fn run_handler(&mut self, incoming: Incoming, receipt: &Receipt, waiting: &[Delivery]) -> Option<Outcome> {

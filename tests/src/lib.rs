@@ -1,10 +1,14 @@
 //! Broker fixtures for Courier's contract tests: how each backend under test is reached.
 //!
 //! Each backend has a test file in `tests/` that expands
-//! [`courier_core::conformance_tests!`] with its harness from here. A fixture uses the
-//! endpoint in its environment variable when set, else the broker `scripts/brokers up`
-//! started on this machine. A broker that cannot be reached fails the tests: nothing is
-//! skipped.
+//! [`courier_core::conformance_tests!`] with its harness from here. A fixture finds its
+//! broker, in order:
+//! 1. the endpoint in its environment variable (`COURIER_TEST_AMQP`, …);
+//! 2. with a Docker engine (`DOCKER_HOST`, or `/var/run/docker.sock`), a container of the
+//!    broker's official image, started through testcontainers once per test process;
+//! 3. the server `scripts/brokers up` started on this machine.
+//!
+//! A broker that cannot be reached fails the tests: nothing is skipped.
 
 use std::sync::Arc;
 
@@ -28,9 +32,52 @@ pub fn endpoint(variable: &str, default: &str) -> String {
     std::env::var(variable).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_owned())
 }
 
-/// RabbitMQ: `$COURIER_TEST_AMQP`, else the local server at 127.0.0.1:5672 (guest/guest).
-pub fn amqp_url() -> String {
-    endpoint("COURIER_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2f")
+/// Whether a Docker engine is there to start brokers in.
+pub fn docker_available() -> bool {
+    std::env::var_os("DOCKER_HOST").is_some() || std::path::Path::new("/var/run/docker.sock").exists()
+}
+
+/// RabbitMQ: `$COURIER_TEST_AMQP`; else with Docker, the official `rabbitmq` image; else
+/// the local server at 127.0.0.1:5672 (guest/guest).
+pub async fn amqp_url() -> String {
+    static URL: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    URL.get_or_init(|| async {
+        if let Ok(url) = std::env::var("COURIER_TEST_AMQP") {
+            if !url.is_empty() {
+                return url;
+            }
+        }
+        if docker_available() {
+            return containers::rabbitmq().await;
+        }
+        "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()
+    })
+    .await
+    .clone()
+}
+
+/// Brokers in containers, for machines with a Docker engine.
+mod containers {
+    use testcontainers::core::{IntoContainerPort, WaitFor};
+    use testcontainers::runners::AsyncRunner;
+    use testcontainers::{ContainerAsync, GenericImage};
+
+    /// Containers live as long as the test process; testcontainers' reaper removes them after.
+    static RUNNING: std::sync::Mutex<Vec<ContainerAsync<GenericImage>>> = std::sync::Mutex::new(Vec::new());
+
+    pub async fn rabbitmq() -> String {
+        eprintln!("fixtures: starting the rabbitmq:3.13 image through testcontainers");
+        let container = GenericImage::new("rabbitmq", "3.13")
+            .with_exposed_port(5672.tcp())
+            .with_wait_for(WaitFor::message_on_stdout("Server startup complete"))
+            .start()
+            .await
+            .unwrap_or_else(|e| panic!("a Docker engine is present but the rabbitmq image did not start: {e}; set COURIER_TEST_AMQP to use another broker"));
+        let host = container.get_host().await.expect("container host");
+        let port = container.get_host_port_ipv4(5672).await.expect("container port");
+        RUNNING.lock().unwrap().push(container);
+        format!("amqp://guest:guest@{host}:{port}/%2f")
+    }
 }
 
 /// The RabbitMQ backend; each case opens its own connection.
@@ -40,7 +87,7 @@ pub struct AmqpHarness;
 #[async_trait]
 impl Harness for AmqpHarness {
     async fn broker(&self) -> Result<DynBroker> {
-        let url = amqp_url();
+        let url = amqp_url().await;
         let broker = courier_amqp::AmqpBroker::connect(&url).await.map_err(|e| {
             eprintln!("cannot reach RabbitMQ at {}: {e}; run scripts/brokers up", courier_core::redact_url(&url));
             e

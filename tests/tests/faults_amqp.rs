@@ -28,7 +28,7 @@ async fn broker_restart_mid_stream_loses_nothing() {
     // Show the reconnects in the test's output (`COURIER_LOG` filters, as in the CLI).
     let filter = std::env::var("COURIER_LOG").unwrap_or_else(|_| "warn,courier_amqp=info".into());
     tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init().ok();
-    let broker = courier::connect(&amqp_url()).await.expect("RabbitMQ is up (scripts/brokers up)");
+    let broker = courier::connect(&amqp_url().await).await.expect("RabbitMQ is up (scripts/brokers up)");
     let source = Source::queue(&unique_name("fault-restart")).unwrap();
     broker.declare(&source).await.unwrap();
 
@@ -96,14 +96,32 @@ async fn broker_restart_mid_stream_loses_nothing() {
     let report = App::new(broker.clone())
         .route_with(source.clone(), handler, RouteOptions::default().concurrency(8).batch(10))
         .run_until({
-            let (processed, sent, producer) = (processed.clone(), sent.clone(), &producer);
+            let (processed, sent, producer, handled) = (processed.clone(), sent.clone(), &producer, handled.clone());
             async move {
+                // Until every sent message is processed, or nothing moved for a minute.
+                let (mut last, mut since) = (0, Instant::now());
                 loop {
                     let done = producer.is_finished() && {
                         let sent = sent.lock().unwrap();
                         sent.len() == N && sent.is_subset(&processed.lock().unwrap())
                     };
-                    if done || started.elapsed() > Duration::from_secs(240) {
+                    let now = handled.load(Ordering::SeqCst) + sent.lock().unwrap().len();
+                    if now != last {
+                        (last, since) = (now, Instant::now());
+                    }
+                    if done {
+                        return;
+                    }
+                    if since.elapsed() > Duration::from_secs(60) {
+                        let sent = sent.lock().unwrap();
+                        let processed = processed.lock().unwrap();
+                        let missing: Vec<_> = sent.difference(&processed).take(10).collect();
+                        eprintln!(
+                            "stalled: producer finished {}, {} sent, {} processed, missing e.g. {missing:?}",
+                            producer.is_finished(),
+                            sent.len(),
+                            processed.len()
+                        );
                         return;
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;

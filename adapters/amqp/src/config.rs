@@ -36,6 +36,7 @@ pub enum QueueType {
 /// | `queue_type` | `classic` or `quorum` | `classic` |
 /// | `prefetch` | default basic.qos per consumer, 1..=65535 | consumer option (100) |
 /// | `reconnect_timeout_secs` | how long a lost connection is retried before errors surface | `30` |
+/// | `tls_ca_file` | PEM file of the CA that signed the broker's certificate, for `amqps://` with a private CA | the system's roots |
 ///
 /// ```
 /// use courier_amqp::{AmqpConfig, DeclareMode};
@@ -58,6 +59,8 @@ pub struct AmqpConfig {
     pub prefetch: Option<u16>,
     /// How long a lost connection is retried before calls fail with a retryable error.
     pub reconnect_timeout: Duration,
+    /// Extra trusted CA certificates (PEM) for `amqps://`, read from `tls_ca_file`.
+    pub tls_ca_pem: Option<String>,
 }
 
 impl AmqpConfig {
@@ -74,6 +77,7 @@ impl AmqpConfig {
             queue_type: QueueType::Classic,
             prefetch: None,
             reconnect_timeout: Duration::from_secs(30),
+            tls_ca_pem: None,
         };
         let mut passthrough = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -101,6 +105,12 @@ impl AmqpConfig {
                     let secs: u64 = value.parse().map_err(|_| bad(key, value, "a number of seconds"))?;
                     config.reconnect_timeout = Duration::from_secs(secs);
                 }
+                "tls_ca_file" => {
+                    let path = percent_decode(value);
+                    config.tls_ca_pem = Some(std::fs::read_to_string(&path).map_err(|e| {
+                        Error::config("amqp URL option tls_ca_file", format!("cannot read {path:?}: {e}"))
+                    })?);
+                }
                 _ => passthrough.push(pair),
             }
         }
@@ -119,6 +129,27 @@ impl AmqpConfig {
     }
 }
 
+/// `%2F` and friends in a URL query value, for file paths.
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn bad(key: &str, value: &str, allowed: &str) -> Error {
     Error::config(format!("amqp URL option {key}"), format!("{value:?} is not valid; use {allowed}"))
 }
@@ -131,6 +162,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("queue_type", &self.queue_type)
             .field("prefetch", &self.prefetch)
             .field("reconnect_timeout", &self.reconnect_timeout)
+            .field("tls_ca_pem", &self.tls_ca_pem.as_ref().map(|_| "…"))
             .finish()
     }
 }

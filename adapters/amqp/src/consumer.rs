@@ -15,8 +15,11 @@ use lapin::types::FieldTable;
 use lapin::Acker;
 use lapin::{BasicProperties, Channel};
 
-use crate::session::{lapin_error, within, Session};
+use crate::session::{lapin_error, within, Session, CALL_TIMEOUT};
 use crate::{mapping, queue_name, AmqpBroker};
+
+/// How often a waiting `receive` checks that its channel is still open.
+const STATUS_CHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// What settling a delivery needs, shared by all of a consumer's deliveries.
 pub(crate) struct Settle {
@@ -59,7 +62,14 @@ pub struct AmqpConsumer {
 
 struct Subscription {
     channel: Channel,
+    connection: Arc<lapin::Connection>,
     stream: lapin::Consumer,
+}
+
+impl Subscription {
+    fn healthy(&self) -> bool {
+        self.connection.status().connected() && self.channel.status().connected()
+    }
 }
 
 impl AmqpConsumer {
@@ -79,22 +89,23 @@ impl AmqpConsumer {
     }
 
     async fn subscribe(&self) -> Result<Subscription> {
-        let channel = self.session.channel().await?;
+        let (channel, connection) = self.session.channel_and_connection().await?;
         let doing = format!("consume from {}", self.queue);
         channel.basic_qos(self.prefetch, BasicQosOptions::default()).await.map_err(|e| lapin_error(&doing, e))?;
         let stream = channel
             .basic_consume(self.queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await
             .map_err(|e| lapin_error(&doing, e))?;
-        Ok(Subscription { channel, stream })
+        Ok(Subscription { channel, connection, stream })
     }
 
-    fn delivery(&self, d: lapin::message::Delivery) -> Delivery {
+    fn delivery(&self, d: lapin::message::Delivery, connection: &Arc<lapin::Connection>) -> Delivery {
         let lapin::message::Delivery { data, properties, redelivered, acker, .. } = d;
         let payload = Bytes::from(data);
         let (message, attempt) = mapping::message(payload.clone(), &properties, redelivered);
         let acker = Box::new(AmqpAcker {
             settle: self.settle.clone(),
+            connection: connection.clone(),
             acker,
             id: message.id.clone(),
             attempt,
@@ -128,10 +139,22 @@ impl Consumer for AmqpConsumer {
                     Err(e) => return Err(e),
                 }
             }
-            let stream = &mut subscription.as_mut().expect("subscribed above").stream;
+            let live = subscription.as_mut().expect("subscribed above");
+            if !live.healthy() {
+                // lapin does not always end a consumer's stream when its connection dies.
+                tracing::warn!(queue = %self.queue, "RabbitMQ channel lost; subscribing again");
+                *subscription = None;
+                continue;
+            }
+            let connection = live.connection.clone();
+            let stream = &mut live.stream;
             let next = if out.is_empty() {
-                match tokio::time::timeout_at(deadline, stream.next()).await {
+                // Wait in slices, checking the channel in between, so a dead connection
+                // that never ends the stream is noticed within one slice.
+                let slice = (tokio::time::Instant::now() + STATUS_CHECK_EVERY).min(deadline);
+                match tokio::time::timeout_at(slice, stream.next()).await {
                     Ok(next) => next,
+                    Err(_) if slice < deadline => continue,
                     Err(_) => return Ok(out),
                 }
             } else {
@@ -143,7 +166,7 @@ impl Consumer for AmqpConsumer {
             };
             match next {
                 Some(Ok(delivery)) => {
-                    out.push(self.delivery(delivery));
+                    out.push(self.delivery(delivery, &connection));
                     if out.len() >= max {
                         return Ok(out);
                     }
@@ -207,6 +230,7 @@ impl std::fmt::Debug for AmqpConsumer {
 /// Settles one delivery.
 struct AmqpAcker {
     settle: Arc<Settle>,
+    connection: Arc<lapin::Connection>,
     acker: Acker,
     id: MessageId,
     attempt: u32,
@@ -216,9 +240,22 @@ struct AmqpAcker {
 
 impl AmqpAcker {
     async fn ack_original(&self) -> Result<()> {
-        // No timeout needed: lapin completes an ack's promise even when its channel or
-        // connection is gone (with the error that ended it).
-        match self.acker.ack(BasicAckOptions::default()).await {
+        let ack = self.acker.ack(BasicAckOptions::default());
+        tokio::pin!(ack);
+        // Usually done at once; only a slow ack pays for a watch on its connection.
+        let acked = match futures::poll!(&mut ack) {
+            std::task::Poll::Ready(acked) => acked,
+            std::task::Poll::Pending => tokio::select! {
+                acked = &mut ack => acked,
+                // An ack caught in a dying connection may never complete; RabbitMQ
+                // requeues the message when the channel goes, so it is lost as a lease.
+                _ = self.connection_gone() => {
+                    tracing::debug!(id = %self.id, "an ack did not complete before its connection went");
+                    return Err(Error::LeaseLost { id: self.id.clone() });
+                }
+            },
+        };
+        match acked {
             Ok(true) => Ok(()),
             // The channel is gone: RabbitMQ has requeued the message.
             Ok(false) => Err(Error::LeaseLost { id: self.id.clone() }),
@@ -240,6 +277,14 @@ impl AmqpAcker {
 
     fn lost(&self) -> bool {
         !self.acker.usable()
+    }
+
+    /// Completes when the delivery's connection is gone, or after the call timeout.
+    async fn connection_gone(&self) {
+        let started = tokio::time::Instant::now();
+        while self.connection.status().connected() && started.elapsed() < CALL_TIMEOUT {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use courier_core::{Error, Result};
 use lapin::options::ConfirmSelectOptions;
+use lapin::tcp::OwnedTLSConfig;
 use lapin::{Channel, Connection, ConnectionProperties, ErrorKind};
 
 use crate::config::AmqpConfig;
@@ -108,16 +109,22 @@ impl Session {
 
     /// A fresh channel on the current connection, for a consumer or for declarations.
     pub async fn channel(&self) -> Result<Channel> {
+        Ok(self.channel_and_connection().await?.0)
+    }
+
+    /// A fresh channel and the connection it is on, whose health a consumer watches.
+    pub async fn channel_and_connection(&self) -> Result<(Channel, Arc<Connection>)> {
         let live = self.live().await?;
         match within("open a channel", live.connection.create_channel()).await? {
-            Ok(channel) => Ok(channel),
+            Ok(channel) => Ok((channel, live.connection)),
             Err(e) if retryable(&e) => {
                 // The connection died between the check and the call: reconnect once more.
                 *self.live.write().unwrap() = None;
                 let live = self.live().await?;
-                within("open a channel", live.connection.create_channel())
+                let channel = within("open a channel", live.connection.create_channel())
                     .await?
-                    .map_err(|e| lapin_error("open a channel", e))
+                    .map_err(|e| lapin_error("open a channel", e))?;
+                Ok((channel, live.connection))
             }
             Err(e) => Err(lapin_error("open a channel", e)),
         }
@@ -128,7 +135,10 @@ impl Session {
             Some(l) => l.connection.clone(),
             None => {
                 let doing = format!("connect to {}", self.config.redacted());
-                let connect = Connection::connect(self.config.uri(), ConnectionProperties::default());
+                let tls = OwnedTLSConfig { identity: None, cert_chain: self.config.tls_ca_pem.clone() };
+                let runtime = lapin::runtime::default_runtime().map_err(|e| lapin_error(&doing, e))?;
+                let connect =
+                    Connection::connect_with_config(self.config.uri(), ConnectionProperties::default(), tls, runtime);
                 Arc::new(within(&doing, connect).await?.map_err(|e| lapin_error(&doing, e))?)
             }
         };
