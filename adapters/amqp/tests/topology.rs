@@ -49,3 +49,27 @@ async fn an_unroutable_send_is_an_error_not_a_loss() {
     // The publisher channel that the missing exchange closed is replaced transparently.
     broker.send(&Destination::topic(&topic).unwrap(), Message::new("fine")).await.expect("sends again");
 }
+
+#[tokio::test]
+async fn quorum_queues_count_broker_redeliveries_as_attempts() {
+    use courier_core::ConsumerOptions;
+    use std::time::Duration;
+    let broker = AmqpBroker::connect(&with_option("queue_type=quorum")).await.unwrap();
+    let source = Source::queue(&unique_name("quorum")).unwrap();
+    broker.declare(&source).await.unwrap();
+    broker.send(&source.destination(), Message::new("replicated")).await.unwrap();
+    for expected_attempt in 1..=3 {
+        // A consumer that goes away unsettled: the broker counts the redelivery.
+        let consumer = broker.consumer(&source, ConsumerOptions::default()).await.unwrap();
+        let d = consumer.receive_one(Duration::from_secs(10)).await.unwrap().expect("delivered");
+        assert_eq!(d.attempt(), expected_attempt);
+        assert_eq!(d.header("x-delivery-count"), None, "broker bookkeeping stays hidden");
+        if expected_attempt == 3 {
+            d.retry().await.unwrap();
+            let again = consumer.receive_one(Duration::from_secs(10)).await.unwrap().expect("retried");
+            assert_eq!(again.attempt(), 4, "a retry continues the count");
+            again.ack().await.unwrap();
+        }
+        consumer.close().await.unwrap();
+    }
+}
