@@ -44,6 +44,7 @@ pub mod demo;
 mod handler;
 mod retry;
 mod trace;
+pub mod trigger;
 mod worker;
 
 pub use config::{connect, redact_url, Config, WorkerConfig, SCHEMES};

@@ -629,7 +629,7 @@ fn outcome_or_panic(result: std::thread::Result<Outcome>) -> Outcome {
     result.unwrap_or_else(|panic| Outcome::retry(format!("handler panicked: {}", panic_text(&panic))))
 }
 
-fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
