@@ -154,3 +154,107 @@ pub(crate) fn decode_base64(what: &'static str, field: &str, text: &str) -> cour
         .decode(text.trim())
         .map_err(|e| malformed(what, format!("{field} is not base64: {e}")))
 }
+
+/// Which platform event a JSON document is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// An SQS event (`Records` from `aws:sqs`).
+    Sqs,
+    /// An MSK (`aws:kafka`) or self-managed Kafka event.
+    Kafka,
+    /// An Amazon MQ for RabbitMQ event (`aws:rmq`).
+    RabbitMq,
+}
+
+impl EventKind {
+    /// Recognises an event by its shape; `None` for anything else.
+    pub fn detect(event: &serde_json::Value) -> Option<Self> {
+        if event.get("Records").is_some_and(|r| {
+            r.as_array().is_some_and(|rs| rs.iter().all(|r| r.get("eventSource").is_none_or(|s| s == "aws:sqs")))
+        }) {
+            return Some(EventKind::Sqs);
+        }
+        if event.get("rmqMessagesByQueue").is_some() {
+            return Some(EventKind::RabbitMq);
+        }
+        if event.get("records").is_some_and(serde_json::Value::is_object) {
+            return Some(EventKind::Kafka);
+        }
+        None
+    }
+}
+
+impl Trigger {
+    /// Runs the handler over any supported event and returns the platform's answer: the
+    /// `batchItemFailures` document for SQS, `null` for Kafka and RabbitMQ, whose failures
+    /// are errors (the platform then retries the batch).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), courier::Error> {
+    /// let trigger = courier::trigger::Trigger::new(|| async {});
+    /// let answer = trigger.event(br#"{"Records":[{"messageId":"m","body":"hi"}]}"#).await?;
+    /// assert_eq!(answer, serde_json::json!({"batchItemFailures": []}));
+    /// let err = trigger.event(br#"{"hello":"world"}"#).await.unwrap_err();
+    /// assert!(err.to_string().contains("not an SQS, Kafka or RabbitMQ event"));
+    /// # Ok(()) }
+    /// ```
+    pub async fn event(&self, event: &[u8]) -> courier_core::Result<serde_json::Value> {
+        let value: serde_json::Value = serde_json::from_slice(event).map_err(|e| malformed("Lambda event", e))?;
+        self.event_value(value).await
+    }
+
+    /// [`event`](Self::event) from parsed JSON.
+    pub async fn event_value(&self, event: serde_json::Value) -> courier_core::Result<serde_json::Value> {
+        match EventKind::detect(&event) {
+            Some(EventKind::Sqs) => {
+                let event = serde_json::from_value(event).map_err(|e| malformed("SQS event", e))?;
+                let answer = self.sqs(event).await;
+                serde_json::to_value(answer).map_err(|e| Error::Encode { type_name: "SqsBatchResponse", source: e.into() })
+            }
+            Some(EventKind::Kafka) => {
+                let event = serde_json::from_value(event).map_err(|e| malformed("Kafka event", e))?;
+                self.kafka(event).await.map_err(|f| Error::Other { message: f.to_string(), retryable: true })?;
+                Ok(serde_json::Value::Null)
+            }
+            Some(EventKind::RabbitMq) => {
+                let event = serde_json::from_value(event).map_err(|e| malformed("RabbitMQ event", e))?;
+                self.rabbitmq(event).await?;
+                Ok(serde_json::Value::Null)
+            }
+            None => Err(malformed(
+                "Lambda event",
+                "not an SQS, Kafka or RabbitMQ event: expected Records (SQS), records (Kafka) or rmqMessagesByQueue (RabbitMQ)",
+            )),
+        }
+    }
+}
+
+/// The AWS Lambda entry point (feature `lambda`): one binary serves SQS, Kafka and
+/// RabbitMQ event sources with the worker's handler.
+///
+/// ```no_run
+/// # async fn handle_order(_: courier::Json<serde_json::Value>) {}
+/// #[tokio::main]
+/// async fn main() -> Result<(), lambda_runtime::Error> {
+///     courier::trigger::lambda::run(courier::trigger::Trigger::new(handle_order)).await
+/// }
+/// ```
+#[cfg(feature = "lambda")]
+pub mod lambda {
+    use super::Trigger;
+
+    /// Serves invocations from the Lambda Runtime API until the process ends.
+    pub async fn run(trigger: Trigger) -> Result<(), lambda_runtime::Error> {
+        lambda_runtime::run(lambda_runtime::service_fn(move |event: lambda_runtime::LambdaEvent<serde_json::Value>| {
+            let trigger = trigger.clone();
+            async move {
+                trigger.event_value(event.payload).await.map_err(|e| lambda_runtime::Diagnostic {
+                    error_type: if e.is_retryable() { "Courier.Retry" } else { "Courier.Error" }.to_owned(),
+                    error_message: e.to_string(),
+                })
+            }
+        }))
+        .await
+    }
+}

@@ -148,12 +148,15 @@ impl Trigger {
             }
             failed.extend(records.map(|r| r.message_id));
         } else {
-            let results: Vec<_> = futures::stream::iter(event.records.iter())
-                .map(|record| async move { (record, self.process_record(record).await) })
+            let results: Vec<_> = futures::stream::iter(event.records)
+                .map(|record| async move {
+                    let result = self.process_record(&record).await;
+                    (record.message_id, result)
+                })
                 .buffered(self.concurrency)
                 .collect()
                 .await;
-            failed.extend(results.into_iter().filter(|(_, r)| r.is_err()).map(|(rec, _)| rec.message_id.clone()));
+            failed.extend(results.into_iter().filter(|(_, r)| r.is_err()).map(|(id, _)| id));
         }
         SqsBatchResponse {
             batch_item_failures: failed
