@@ -21,6 +21,8 @@
 //! a failure otherwise, leaving it to the queue's redrive policy. The platform's
 //! retry policy owns retries, as the contract asks of exactly one owner.
 
+#[cfg(feature = "http")]
+pub mod http;
 pub mod kafka;
 pub mod rabbitmq;
 pub mod sqs;
@@ -114,23 +116,33 @@ impl Trigger {
                 tracing::debug!(%id, attempt, %reason, "record failed; the platform redelivers it");
                 Err(reason)
             }
-            Outcome::Reject { reason } => match &self.dead_letter {
-                None => {
-                    tracing::warn!(%id, %reason, "record rejected; no dead-letter destination set, so the platform's redrive policy decides");
-                    Err(reason)
-                }
-                Some((broker, destination)) => {
-                    let dead = message
-                        .with_header(headers::DEAD_LETTER_REASON, reason.clone())
-                        .with_header(headers::DEAD_LETTER_ATTEMPTS, attempt.to_string())
-                        .with_header(headers::DEAD_LETTER_ORIGIN, source.to_string());
-                    match broker.send(destination, dead).await {
-                        Ok(_) => Ok(()),
-                        Err(e) => Err(format!("{reason}; and dead-lettering failed: {e}")),
+            Outcome::Reject { reason } => {
+                match self.settle_rejection(Incoming::new(message, attempt, source), reason.clone()).await {
+                    Some(Ok(())) => Ok(()),
+                    Some(Err(e)) => Err(format!("{reason}; and dead-lettering failed: {e}")),
+                    None => {
+                        tracing::warn!(%id, %reason, "record rejected; no dead-letter destination set, so the platform's redrive policy decides");
+                        Err(reason)
                     }
                 }
-            },
+            }
         }
+    }
+
+    /// Dead-letters a rejected message with the reason, attempts and origin headers;
+    /// `None` when the trigger has no dead-letter destination.
+    pub(crate) async fn settle_rejection(
+        &self,
+        incoming: Incoming,
+        reason: String,
+    ) -> Option<courier_core::Result<()>> {
+        let (broker, destination) = self.dead_letter.as_ref()?;
+        let dead = incoming
+            .message
+            .with_header(headers::DEAD_LETTER_REASON, reason)
+            .with_header(headers::DEAD_LETTER_ATTEMPTS, incoming.attempt.to_string())
+            .with_header(headers::DEAD_LETTER_ORIGIN, incoming.source.to_string());
+        Some(broker.send(destination, dead).await.map(|_| ()))
     }
 }
 

@@ -1,0 +1,138 @@
+//! HTTP push: CloudEvents (binary and structured) and Pub/Sub envelopes in, status codes out.
+#![cfg(feature = "http")]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use courier::trigger::{http::router, Trigger};
+use courier::{Destination, Incoming, LocalBroker, Outcome, Source};
+use tower::ServiceExt;
+
+type Seen = Arc<Mutex<Vec<Incoming>>>;
+
+/// A trigger whose handler records each message and answers by its payload.
+fn trigger(seen: Seen) -> Trigger {
+    Trigger::new(move |incoming: Incoming| {
+        let seen = seen.clone();
+        async move {
+            let body = String::from_utf8_lossy(&incoming.message.payload).into_owned();
+            seen.lock().unwrap().push(incoming);
+            match body.as_str() {
+                "retry" => Outcome::retry_after(Duration::from_secs(30), "try later"),
+                "reject" => Outcome::reject("never valid"),
+                "panic" => panic!("handler bug"),
+                _ => Outcome::Ack,
+            }
+        }
+    })
+}
+
+async fn post(app: axum::Router, request: Request<Body>) -> (StatusCode, Option<String>, String) {
+    let response = app.oneshot(request).await.unwrap();
+    let status = response.status();
+    let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+    let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+    (status, retry_after, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn source() -> Source {
+    Source::queue("orders").unwrap()
+}
+
+fn binary(body: &'static str) -> Request<Body> {
+    Request::post("/")
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "evt-1")
+        .header("ce-source", "/shop/orders")
+        .header("ce-type", "com.example.order.created")
+        .header("content-type", "text/plain")
+        .body(Body::from(body))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn cloudevents_binary_mode_maps_headers_and_answers_by_outcome() {
+    let seen = Seen::default();
+    let app = router(trigger(seen.clone()), source());
+    assert_eq!(post(app.clone(), binary("fine")).await.0, StatusCode::NO_CONTENT);
+    let (status, retry_after, _) = post(app.clone(), binary("retry")).await;
+    assert_eq!((status, retry_after.as_deref()), (StatusCode::SERVICE_UNAVAILABLE, Some("30")));
+    let (status, _, body) = post(app.clone(), binary("reject")).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(post(app.clone(), binary("panic")).await.0, StatusCode::SERVICE_UNAVAILABLE, "a panic asks for a retry");
+    let seen = seen.lock().unwrap();
+    let m = &seen[0].message;
+    assert_eq!((m.id.as_str(), m.content_type.as_deref()), ("evt-1", Some("text/plain")));
+    assert_eq!(m.header("ce-type"), Some("com.example.order.created"));
+    assert_eq!(seen[0].source, source());
+}
+
+#[tokio::test]
+async fn cloudevents_structured_mode_with_json_and_base64_data() {
+    let seen = Seen::default();
+    let app = router(trigger(seen.clone()), source());
+    let event = r#"{"specversion":"1.0","id":"e-2","source":"/shop","type":"order","datacontenttype":"application/json","data":{"total":5},"tenant":"acme"}"#;
+    let request =
+        Request::post("/").header("content-type", "application/cloudevents+json").body(Body::from(event)).unwrap();
+    assert_eq!(post(app.clone(), request).await.0, StatusCode::NO_CONTENT);
+    let binary = r#"{"specversion":"1.0","id":"e-3","source":"/shop","type":"blob","data_base64":"AP8="}"#;
+    let request =
+        Request::post("/").header("content-type", "application/cloudevents+json").body(Body::from(binary)).unwrap();
+    assert_eq!(post(app, request).await.0, StatusCode::NO_CONTENT);
+    let seen = seen.lock().unwrap();
+    assert_eq!(&seen[0].message.payload[..], br#"{"total":5}"#);
+    assert_eq!(seen[0].message.content_type.as_deref(), Some("application/json"));
+    assert_eq!(seen[0].message.header("ce-tenant"), Some("acme"), "extensions become headers");
+    assert_eq!(&seen[1].message.payload[..], &[0u8, 255]);
+}
+
+#[tokio::test]
+async fn pubsub_push_envelope() {
+    let seen = Seen::default();
+    let app = router(trigger(seen.clone()), source());
+    let envelope = r#"{"message":{"data":"ZmluZQ==","attributes":{"tenant":"acme"},"messageId":"136969346945","publishTime":"2026-11-24T10:00:00Z","orderingKey":"customer-7"},"subscription":"projects/p/subscriptions/orders-push","deliveryAttempt":3}"#;
+    let request = Request::post("/").header("content-type", "application/json").body(Body::from(envelope)).unwrap();
+    assert_eq!(post(app, request).await.0, StatusCode::NO_CONTENT);
+    let seen = seen.lock().unwrap();
+    let incoming = &seen[0];
+    assert_eq!((incoming.message.id.as_str(), &incoming.message.payload[..]), ("136969346945", &b"fine"[..]));
+    assert_eq!((incoming.attempt, incoming.message.header("tenant")), (3, Some("acme")));
+    assert_eq!(incoming.message.ordering_key.as_deref(), Some("customer-7"));
+    assert_eq!(incoming.source, Source::queue("orders-push").unwrap());
+}
+
+#[tokio::test]
+async fn malformed_requests_get_400_with_a_reason() {
+    let app = router(trigger(Seen::default()), source());
+    for (request, expected) in [
+        (Request::post("/").body(Body::from("plain text")).unwrap(), "not CloudEvents"),
+        (Request::post("/").body(Body::from(r#"{"hello":1}"#)).unwrap(), "not a Pub/Sub push envelope"),
+        (Request::post("/").body(Body::from(r#"{"message":{"data":"!!"}}"#)).unwrap(), "message.data is not base64"),
+        (Request::post("/").header("ce-specversion", "1.0").body(Body::empty()).unwrap(), "needs the ce-id header"),
+        (
+            Request::post("/")
+                .header("content-type", "application/cloudevents+json")
+                .body(Body::from(r#"{"id":"x"}"#))
+                .unwrap(),
+            "needs a \"source\" string",
+        ),
+    ] {
+        let (status, _, body) = post(app.clone(), request).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body.contains(expected), "{body:?} should say {expected:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_rejection_with_a_dead_letter_destination_is_settled() {
+    let broker: courier::DynBroker = Arc::new(LocalBroker::new());
+    let dlq = Source::queue("orders.dlq").unwrap();
+    broker.declare(&dlq).await.unwrap();
+    let trigger = trigger(Seen::default()).dead_letter(broker.clone(), Destination::queue("orders.dlq").unwrap());
+    assert_eq!(post(router(trigger, source()), binary("reject")).await.0, StatusCode::NO_CONTENT);
+    let dead =
+        broker.consumer(&dlq, Default::default()).await.unwrap().receive_one(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(dead.unwrap().header(courier::headers::DEAD_LETTER_REASON), Some("never valid"));
+}
