@@ -7,7 +7,7 @@
 //! | CloudEvents structured: `Content-Type: application/cloudevents+json` | `data` (JSON as its text, a string as its bytes) or `data_base64` as payload, `datacontenttype` as content type, `id` as id, the other attributes as `ce-<name>` headers |
 //! | Pub/Sub push: `{"message": {...}, "subscription": "..."}` | `message.data` (base64) as payload, `message.attributes` as headers, `messageId` as id, `orderingKey` as ordering key, `deliveryAttempt` as attempt |
 //!
-//! Answers: [`Outcome::Ack`](crate::Outcome::Ack) is `204 No Content`; a retry is
+//! Answers: [`Outcome::Ack`] is `204 No Content`; a retry is
 //! `503 Service Unavailable` (with `Retry-After` when the handler asked for a delay), which
 //! push senders redeliver; a rejection dead-letters through the trigger's dead-letter
 //! destination and answers `204`, or without one answers `422 Unprocessable Entity`, which
