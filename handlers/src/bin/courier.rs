@@ -40,6 +40,9 @@ enum Command {
         #[arg(required = true)]
         sources: Vec<String>,
     },
+    /// Play a Lambda event source mapping locally: pull batches, build SQS, Kafka or
+    /// RabbitMQ events, run an I/O-bound stand-in handler through the trigger code, settle.
+    Faas(FaasArgs),
     /// List or redrive dead-lettered messages.
     Dlq {
         #[command(subcommand)]
@@ -88,6 +91,37 @@ struct ConsumeArgs {
     /// Leave messages unsettled (they come back after their lease) instead of acking.
     #[arg(long)]
     peek: bool,
+}
+
+#[derive(Args)]
+struct FaasArgs {
+    /// Source: queue:NAME or topic:NAME/SUBSCRIPTION.
+    #[arg(long, default_value = "queue:faas-demo")]
+    from: String,
+    /// Event form: sqs, kafka or rabbitmq.
+    #[arg(long, default_value = "sqs")]
+    event: String,
+    /// Records per invocation at most.
+    #[arg(long, default_value_t = 10)]
+    batch_size: usize,
+    /// Milliseconds an instance waits to fill a batch.
+    #[arg(long, default_value_t = 100)]
+    window_ms: u64,
+    /// Function instances at once (n).
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Simulated cold start of each instance, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    cold_start_ms: u64,
+    /// How long the stand-in handler waits per record (an I/O call), in milliseconds.
+    #[arg(long, default_value_t = 20)]
+    handler_ms: u64,
+    /// Send this many messages to the source first (handy on memory://).
+    #[arg(long, default_value_t = 0)]
+    fill: usize,
+    /// Stop once the source has been empty this many seconds.
+    #[arg(long, default_value_t = 2)]
+    idle_secs: u64,
 }
 
 #[derive(Subcommand)]
@@ -147,6 +181,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::Send(args) => send(broker, args).await,
         Command::Consume(args) => consume(broker, args).await,
         Command::Stats { sources } => stats(broker, sources).await,
+        Command::Faas(args) => faas(broker, args).await,
         Command::Dlq { action: DlqAction::List { from } } => dlq_list(broker, &from).await,
         Command::Dlq { action: DlqAction::Redrive { from, limit } } => dlq_redrive(broker, &from, limit).await,
     }
@@ -160,6 +195,49 @@ async fn demo(broker: DynBroker, config: &Config, orders: u64) -> Result<(), Err
     );
     let summary = courier::demo::run(broker, courier::demo::DemoOptions { orders, quiet: false }).await?;
     println!("\n{summary}");
+    Ok(())
+}
+
+async fn faas(broker: DynBroker, args: FaasArgs) -> Result<(), Error> {
+    use courier::trigger::{emulator::Emulator, EventKind, Trigger};
+    let kind = match args.event.as_str() {
+        "sqs" => EventKind::Sqs,
+        "kafka" => EventKind::Kafka,
+        "rabbitmq" => EventKind::RabbitMq,
+        other => return Err(Error::config("--event", format!("{other:?} is not sqs, kafka or rabbitmq"))),
+    };
+    let source = Source::parse(&args.from)?;
+    broker.declare(&source).await?;
+    if args.fill > 0 {
+        let progress = indicatif::ProgressBar::new(args.fill as u64).with_message("filling");
+        for chunk in (0..args.fill).collect::<Vec<_>>().chunks(100) {
+            let batch = chunk.iter().map(|i| Message::new(format!("record {i}"))).collect();
+            broker.send_batch(&source.destination(), batch).await?;
+            progress.inc(chunk.len() as u64);
+        }
+        progress.finish_and_clear();
+    }
+    let pause = Duration::from_millis(args.handler_ms);
+    // One record at a time per instance, as a simple Lambda handler does: n instances, n records in flight.
+    let trigger = Trigger::new(move || async move { tokio::time::sleep(pause).await }).concurrency(1);
+    println!(
+        "faas: {} {} events from {source}, batch {} / window {} ms, n = {}, cold start {} ms, handler {} ms",
+        broker.capabilities().backend,
+        args.event,
+        args.batch_size,
+        args.window_ms,
+        args.concurrency,
+        args.cold_start_ms,
+        args.handler_ms
+    );
+    let report = Emulator::new(broker, source, trigger, kind)
+        .batch_size(args.batch_size)
+        .window(Duration::from_millis(args.window_ms))
+        .concurrency(args.concurrency)
+        .cold_start(Duration::from_millis(args.cold_start_ms))
+        .run_until_idle(Duration::from_secs(args.idle_secs))
+        .await?;
+    println!("faas: {report}");
     Ok(())
 }
 

@@ -21,6 +21,7 @@
 //! a failure otherwise, leaving it to the queue's redrive policy. The platform's
 //! retry policy owns retries, as the contract asks of exactly one owner.
 
+pub mod emulator;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod kafka;
