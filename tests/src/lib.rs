@@ -88,10 +88,13 @@ pub struct AmqpHarness;
 impl Harness for AmqpHarness {
     async fn broker(&self) -> Result<DynBroker> {
         let url = amqp_url().await;
-        let broker = courier_amqp::AmqpBroker::connect(&url).await.map_err(|e| {
-            eprintln!("cannot reach RabbitMQ at {}: {e}; run scripts/brokers up", courier_core::redact_url(&url));
-            e
-        })?;
+        // Each case makes uniquely named queues; let RabbitMQ drop them once unused.
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let broker =
+            courier_amqp::AmqpBroker::connect(&format!("{url}{sep}queue_expires_secs=300")).await.map_err(|e| {
+                eprintln!("cannot reach RabbitMQ at {}: {e}; run scripts/brokers up", courier_core::redact_url(&url));
+                e
+            })?;
         Ok(Arc::new(broker))
     }
 

@@ -36,6 +36,7 @@ pub enum QueueType {
 /// | `queue_type` | `classic` or `quorum` | `classic` |
 /// | `prefetch` | default basic.qos per consumer, 1..=65535 | consumer option (100) |
 /// | `reconnect_timeout_secs` | how long a lost connection is retried before errors surface | `30` |
+/// | `queue_expires_secs` | RabbitMQ deletes a queue the adapter created once it has had no consumer for this long (`x-expires`); for temporary queues | never |
 /// | `tls_ca_file` | PEM file of the CA that signed the broker's certificate, for `amqps://` with a private CA | the system's roots |
 ///
 /// ```
@@ -61,6 +62,8 @@ pub struct AmqpConfig {
     pub reconnect_timeout: Duration,
     /// Extra trusted CA certificates (PEM) for `amqps://`, read from `tls_ca_file`.
     pub tls_ca_pem: Option<String>,
+    /// `x-expires` for queues the adapter creates: unused queues disappear after this.
+    pub queue_expires: Option<Duration>,
 }
 
 impl AmqpConfig {
@@ -78,6 +81,7 @@ impl AmqpConfig {
             prefetch: None,
             reconnect_timeout: Duration::from_secs(30),
             tls_ca_pem: None,
+            queue_expires: None,
         };
         let mut passthrough = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -104,6 +108,14 @@ impl AmqpConfig {
                 "reconnect_timeout_secs" => {
                     let secs: u64 = value.parse().map_err(|_| bad(key, value, "a number of seconds"))?;
                     config.reconnect_timeout = Duration::from_secs(secs);
+                }
+                "queue_expires_secs" => {
+                    let secs: u64 = value
+                        .parse()
+                        .ok()
+                        .filter(|s| *s > 0)
+                        .ok_or_else(|| bad(key, value, "a number of seconds above 0"))?;
+                    config.queue_expires = Some(Duration::from_secs(secs));
                 }
                 "tls_ca_file" => {
                     let path = percent_decode(value);
@@ -162,6 +174,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("queue_type", &self.queue_type)
             .field("prefetch", &self.prefetch)
             .field("reconnect_timeout", &self.reconnect_timeout)
+            .field("queue_expires", &self.queue_expires)
             .field("tls_ca_pem", &self.tls_ca_pem.as_ref().map(|_| "…"))
             .finish()
     }

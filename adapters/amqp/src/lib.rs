@@ -333,7 +333,7 @@ impl Inner {
     async fn declare_source(&self, source: &Source) -> Result<()> {
         let mode = self.session.config.declare;
         let channel = self.session.channel().await?;
-        let result = declare_source_on(&channel, source, mode, self.session.config.queue_type).await;
+        let result = declare_source_on(&channel, source, mode, &self.session.config).await;
         close_quietly(&channel).await;
         result
     }
@@ -387,11 +387,14 @@ pub(crate) fn queue_name(source: &Source) -> String {
     }
 }
 
-async fn declare_source_on(channel: &Channel, source: &Source, mode: DeclareMode, queue_type: QueueType) -> Result<()> {
+async fn declare_source_on(channel: &Channel, source: &Source, mode: DeclareMode, config: &AmqpConfig) -> Result<()> {
     let passive = mode == DeclareMode::Verify;
     let mut args = FieldTable::default();
-    if queue_type == QueueType::Quorum && !passive {
+    if config.queue_type == QueueType::Quorum && !passive {
         args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    }
+    if let Some(expires) = config.queue_expires.filter(|_| !passive) {
+        args.insert("x-expires".into(), AMQPValue::LongLongInt(expires.as_millis().min(u32::MAX as u128) as i64));
     }
     let queue = queue_name(source);
     let not_found = |kind: &'static str, name: &str, e: lapin::Error| match e.kind() {
