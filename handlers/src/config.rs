@@ -43,9 +43,16 @@ pub async fn connect(url: &str) -> Result<DynBroker> {
             "backend",
             format!("{scheme}:// needs the `amqp` feature of the courier crate (on by default), which this build does not have"),
         )),
-        "kafka" | "sqs" => Err(Error::config(
+        #[cfg(feature = "sqs")]
+        "sqs" => Ok(Arc::new(courier_sqs::SqsBroker::connect(url).await?)),
+        #[cfg(not(feature = "sqs"))]
+        "sqs" => Err(Error::config(
             "backend",
-            format!("the {scheme}:// backend is not in this version of Courier yet; use memory:// or amqp:// for now"),
+            "sqs:// needs the `sqs` feature of the courier crate, which this build does not have; rebuild with `--features sqs`",
+        )),
+        "kafka" => Err(Error::config(
+            "backend",
+            "the kafka:// backend is not in this version of Courier yet; use memory://, amqp:// or sqs:// for now",
         )),
         other => Err(Error::config(
             "backend",

@@ -103,3 +103,40 @@ impl Harness for AmqpHarness {
         Timing { quiet: std::time::Duration::from_millis(300), ..Timing::default() }
     }
 }
+
+/// SQS: `$COURIER_TEST_SQS`, else the moto server `scripts/brokers up` starts at
+/// 127.0.0.1:4566. moto accepts any credentials; unless the environment has some, the
+/// fixture sets dummy ones for the AWS credential chain to find.
+pub fn sqs_url() -> String {
+    if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
+        // Test processes only; the AWS SDK reads these through its standard chain.
+        std::env::set_var("AWS_ACCESS_KEY_ID", "courier-test");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "courier-test");
+    }
+    endpoint("COURIER_TEST_SQS", "sqs://us-east-1?endpoint=http://127.0.0.1:4566")
+}
+
+/// The SQS backend against moto (slow, ~200 messages/s): a small soak, whole-second leases.
+#[derive(Debug, Default, Clone)]
+pub struct SqsHarness;
+
+#[async_trait]
+impl Harness for SqsHarness {
+    async fn broker(&self) -> Result<DynBroker> {
+        let url = sqs_url();
+        let broker = courier_sqs::SqsBroker::connect(&url).await.map_err(|e| {
+            eprintln!("cannot reach SQS at {}: {e}; run scripts/brokers up", courier_core::redact_url(&url));
+            e
+        })?;
+        Ok(Arc::new(broker))
+    }
+
+    fn timing(&self) -> Timing {
+        Timing {
+            quiet: std::time::Duration::from_millis(300),
+            soak_messages: 300,
+            soak_consumers: 4,
+            ..Timing::default()
+        }
+    }
+}

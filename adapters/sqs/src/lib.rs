@@ -1,0 +1,563 @@
+//! Courier's AWS SQS backend, on [aws-sdk-sqs](https://docs.rs/aws-sdk-sqs).
+//!
+//! Open it with an `sqs://` URL: `sqs://` (region and credentials from the standard AWS
+//! chain), `sqs://eu-west-1`, or with a local server
+//! `sqs://us-east-1?endpoint=http://127.0.0.1:4566`. Queues are named by the source or
+//! destination (`queue:orders`, `queue:orders.fifo`); their URLs are looked up once and
+//! cached. Options: `create=true|false` (create missing queues, default true),
+//! `endpoint=URL`.
+//!
+//! | Courier | SQS |
+//! |---|---|
+//! | queue | queue (a `.fifo` name is a FIFO queue; other `.` become `_`, as SQS names allow no dots) |
+//! | topic / subscription | `Unsupported` (no SNS yet) |
+//! | send, batch send | SendMessage, SendMessageBatch in chunks of 10; a failed entry fails the call naming it |
+//! | delay | `DelaySeconds`, up to 15 minutes |
+//! | ordering key, dedup id | `MessageGroupId`, `MessageDeduplicationId`, on FIFO queues only |
+//! | headers | message attributes (String; names SQS refuses travel base64url-encoded as `courier-h.<name>`, empty values as type `String.courier-empty`); SQS allows 10 per message, Courier uses up to 3 (`courier-id`, `courier-encoding`, `content-type`) |
+//! | payload | the body as is when it is valid SQS text, else base64 with `courier-encoding: base64` |
+//! | receive | ReceiveMessage, long polling up to 20 s, up to 10 per call |
+//! | attempt | `ApproximateReceiveCount` |
+//! | ack | DeleteMessage |
+//! | retry (with delay) | ChangeMessageVisibility to 0 (or the delay, rounded up to whole seconds) |
+//! | lease, extension | the visibility timeout (whole seconds), ChangeMessageVisibility |
+//! | reject, max attempts | a send to the dead-letter queue (`<queue>.dlq`, SQS name `<queue>_dlq`) with the reason headers, then DeleteMessage |
+//! | stats | ApproximateNumberOfMessages(NotVisible, Delayed) |
+//! | purge | PurgeQueue (SQS allows one per queue per minute) |
+
+#![warn(missing_docs)]
+
+mod mapping;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName, SendMessageBatchRequestEntry};
+use aws_sdk_sqs::Client;
+use courier_core::{
+    headers, redact_url, Acknowledger, Broker, Capabilities, Consumer, ConsumerOptions, Delivery, Destination, Error,
+    Feature, Message, MessageId, Result, Source, Stats,
+};
+
+/// The backend's name in capabilities and errors.
+pub const BACKEND: &str = "sqs";
+
+/// SQS's largest message: 256 KiB, body and attributes together.
+pub const MAX_PAYLOAD: usize = 256 * 1024;
+
+/// An SQS broker: a cheap, cloneable handle on one SDK client.
+#[derive(Clone)]
+pub struct SqsBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    url: String,
+    create: bool,
+    capabilities: Capabilities,
+    queue_urls: Mutex<HashMap<String, String>>,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for SqsBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqsBroker").field("url", &redact_url(&self.inner.url)).finish_non_exhaustive()
+    }
+}
+
+fn sdk_error(doing: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    // Throttling, timeouts and 5xx are worth another try; the SDK already retried them.
+    let text = format!("{}", aws_sdk_sqs::error::DisplayErrorContext(&e));
+    let retryable = ["Throttl", "timeout", "Timeout", "dispatch failure", "ServiceUnavailable", "InternalError"]
+        .iter()
+        .any(|s| text.contains(s));
+    Error::Broker {
+        backend: BACKEND,
+        message: format!("could not {doing}: {text}"),
+        retryable,
+        source: Some(Box::new(e)),
+    }
+}
+
+impl SqsBroker {
+    /// Connects with an `sqs://` URL (see the crate docs).
+    pub async fn connect(url: &str) -> Result<Self> {
+        let rest = url
+            .strip_prefix("sqs://")
+            .ok_or_else(|| Error::config("url", format!("{} is not an sqs:// URL", redact_url(url))))?;
+        let (region, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        let region = region.trim_end_matches('/');
+        if !region.is_empty() {
+            loader = loader.region(aws_config::Region::new(region.to_owned()));
+        }
+        let mut create = true;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=').unwrap_or((pair, "")) {
+                ("endpoint", endpoint) => loader = loader.endpoint_url(endpoint),
+                ("create", "true") => create = true,
+                ("create", "false") => create = false,
+                (key, value) => {
+                    return Err(Error::config(
+                        format!("sqs URL option {key}"),
+                        format!("{value:?} is not valid; options are endpoint=URL and create=true|false"),
+                    ))
+                }
+            }
+        }
+        let config = loader.load().await;
+        if config.region().is_none() {
+            return Err(Error::config(
+                "sqs URL",
+                "no AWS region: put one in the URL (sqs://eu-west-1) or set AWS_REGION",
+            ));
+        }
+        let capabilities = Capabilities {
+            backend: BACKEND,
+            fan_out: false,
+            // Both hold on FIFO queues; `send` accepts them there and refuses them elsewhere.
+            ordered_keys: false,
+            dedup: false,
+            max_delay: Some(Duration::from_secs(15 * 60)),
+            delayed_retry: true,
+            lease_expiry: true,
+            lease_extension: true,
+            native_dead_letter: false,
+            stats: true,
+            purge: true,
+            max_payload: MAX_PAYLOAD,
+            // Sends are split into SendMessageBatch calls of 10; receives return up to 10.
+            max_batch: 1000,
+        };
+        Ok(SqsBroker {
+            inner: Arc::new(Inner {
+                client: Client::new(&config),
+                url: url.to_owned(),
+                create,
+                capabilities,
+                queue_urls: Mutex::default(),
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+}
+
+impl Inner {
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(Error::Closed { what: "broker" })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The queue's URL: cached, else looked up, else (in create mode) created.
+    async fn queue_url(&self, name: &str) -> Result<String> {
+        let name = &mapping::queue_name(name);
+        if let Some(url) = self.queue_urls.lock().unwrap().get(name) {
+            return Ok(url.clone());
+        }
+        let url = match self.client.get_queue_url().queue_name(name).send().await {
+            Ok(out) => out.queue_url().unwrap_or_default().to_owned(),
+            Err(e) if !self.create => {
+                let text = format!("{}", aws_sdk_sqs::error::DisplayErrorContext(&e));
+                if text.contains("NonExistentQueue") || text.contains("does not exist") {
+                    return Err(Error::NotFound { kind: "queue", name: name.to_owned() });
+                }
+                return Err(sdk_error(&format!("look up queue {name}"), e));
+            }
+            Err(_) => {
+                let mut create = self.client.create_queue().queue_name(name);
+                if name.ends_with(".fifo") {
+                    create = create.attributes(QueueAttributeName::FifoQueue, "true");
+                }
+                let out = create.send().await.map_err(|e| sdk_error(&format!("create queue {name}"), e))?;
+                out.queue_url().unwrap_or_default().to_owned()
+            }
+        };
+        self.queue_urls.lock().unwrap().insert(name.to_owned(), url.clone());
+        Ok(url)
+    }
+
+    fn check(&self, queue: &str, message: &Message) -> Result<()> {
+        let fifo = queue.ends_with(".fifo");
+        if fifo {
+            // Ordering keys and dedup ids are FIFO features: check the rest.
+            let mut plain = message.clone();
+            plain.ordering_key = None;
+            plain.dedup_id = None;
+            self.capabilities.check_message(&plain)?;
+        } else {
+            self.capabilities.check_message(message)?;
+        }
+        mapping::check_encoded(message)
+    }
+
+    async fn send_one(&self, queue: &str, message: &Message) -> Result<()> {
+        let url = self.queue_url(queue).await?;
+        let body = mapping::body(message);
+        let mut send = self
+            .client
+            .send_message()
+            .queue_url(url)
+            .message_body(body.text)
+            .set_message_attributes(Some(mapping::attributes(message, body.encoded)?));
+        if let Some(delay) = message.delay {
+            send = send.delay_seconds(delay.as_secs_f64().ceil() as i32);
+        }
+        if queue.ends_with(".fifo") {
+            send = send
+                .message_group_id(message.ordering_key.clone().unwrap_or_else(|| "default".into()))
+                .message_deduplication_id(message.dedup_id.clone().unwrap_or_else(|| message.id.to_string()));
+        }
+        send.send().await.map_err(|e| sdk_error(&format!("send to queue {queue}"), e))?;
+        Ok(())
+    }
+}
+
+fn queue_of(destination: &Destination, caps: &Capabilities) -> Result<String> {
+    match destination {
+        Destination::Queue(q) => Ok(q.to_string()),
+        Destination::Topic(_) => Err(caps.unsupported(Feature::FanOut)),
+    }
+}
+
+fn source_queue(source: &Source, caps: &Capabilities) -> Result<String> {
+    match source {
+        Source::Queue(q) => Ok(q.to_string()),
+        Source::Subscription { .. } => Err(caps.unsupported(Feature::FanOut)),
+    }
+}
+
+#[async_trait]
+impl Broker for SqsBroker {
+    fn capabilities(&self) -> &Capabilities {
+        &self.inner.capabilities
+    }
+
+    async fn send(&self, destination: &Destination, message: Message) -> Result<MessageId> {
+        self.inner.check_open()?;
+        let queue = queue_of(destination, &self.inner.capabilities)?;
+        self.inner.check(&queue, &message)?;
+        self.inner.send_one(&queue, &message).await?;
+        Ok(message.id)
+    }
+
+    async fn send_batch(&self, destination: &Destination, messages: Vec<Message>) -> Result<Vec<MessageId>> {
+        self.inner.check_open()?;
+        let queue = queue_of(destination, &self.inner.capabilities)?;
+        self.inner.capabilities.check_batch(&messages)?;
+        for m in &messages {
+            self.inner.check(&queue, m)?;
+        }
+        let url = self.inner.queue_url(&queue).await?;
+        let fifo = queue.ends_with(".fifo");
+        // SendMessageBatch takes 10 entries and 256 KiB per request.
+        let mut start = 0;
+        while start < messages.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < messages.len() && end - start < 10 {
+                let size = mapping::encoded_size(&messages[end]);
+                if end > start && bytes + size > MAX_PAYLOAD {
+                    break;
+                }
+                bytes += size;
+                end += 1;
+            }
+            let entries = messages[start..end]
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let body = mapping::body(m);
+                    let mut entry = SendMessageBatchRequestEntry::builder()
+                        .id(format!("m{i}"))
+                        .message_body(body.text)
+                        .set_message_attributes(Some(mapping::attributes(m, body.encoded)?));
+                    if let Some(delay) = m.delay {
+                        entry = entry.delay_seconds(delay.as_secs_f64().ceil() as i32);
+                    }
+                    if fifo {
+                        entry = entry
+                            .message_group_id(m.ordering_key.clone().unwrap_or_else(|| "default".into()))
+                            .message_deduplication_id(m.dedup_id.clone().unwrap_or_else(|| m.id.to_string()));
+                    }
+                    entry.build().map_err(|e| Error::permanent(BACKEND, "build a batch entry", e))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let out = self
+                .inner
+                .client
+                .send_message_batch()
+                .queue_url(&url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| sdk_error(&format!("send a batch to queue {queue}"), e))?;
+            if let Some(failed) = out.failed().first() {
+                return Err(Error::Broker {
+                    backend: BACKEND,
+                    message: format!(
+                        "{} of {} entries to queue {queue} were refused, e.g. {}: {} {}; the others were sent",
+                        out.failed().len(),
+                        end - start,
+                        failed.id(),
+                        failed.code(),
+                        failed.message().unwrap_or_default()
+                    ),
+                    retryable: !failed.sender_fault(),
+                    source: None,
+                });
+            }
+            start = end;
+        }
+        Ok(messages.into_iter().map(|m| m.id).collect())
+    }
+
+    async fn consumer(&self, source: &Source, options: ConsumerOptions) -> Result<Box<dyn Consumer>> {
+        self.inner.check_open()?;
+        let queue = source_queue(source, &self.inner.capabilities)?;
+        let url = self.inner.queue_url(&queue).await?;
+        let dead_letter = queue_of(&options.dead_letter_for(source), &self.inner.capabilities)?;
+        self.inner.queue_url(&dead_letter).await?;
+        let shared = Arc::new(Shared {
+            broker: self.clone(),
+            url: url.clone(),
+            dead_letter,
+            source: source.clone(),
+            max_attempts: options.max_attempts,
+        });
+        Ok(Box::new(SqsConsumer {
+            shared,
+            source: source.clone(),
+            queue,
+            url,
+            options,
+            closed: AtomicBool::new(false),
+        }))
+    }
+
+    async fn declare(&self, source: &Source) -> Result<()> {
+        self.inner.check_open()?;
+        let queue = source_queue(source, &self.inner.capabilities)?;
+        self.inner.queue_url(&queue).await.map(|_| ())
+    }
+
+    async fn stats(&self, source: &Source) -> Result<Stats> {
+        self.inner.check_open()?;
+        let queue = source_queue(source, &self.inner.capabilities)?;
+        let counts = |name: String| async move {
+            let url = self.inner.queue_url(&name).await?;
+            let out = self
+                .inner
+                .client
+                .get_queue_attributes()
+                .queue_url(url)
+                .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+                .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+                .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+                .send()
+                .await
+                .map_err(|e| sdk_error(&format!("read the attributes of queue {name}"), e))?;
+            let get = |a: QueueAttributeName| {
+                out.attributes().and_then(|m| m.get(&a)).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+            };
+            Ok::<_, Error>((
+                get(QueueAttributeName::ApproximateNumberOfMessages),
+                get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+                get(QueueAttributeName::ApproximateNumberOfMessagesDelayed),
+            ))
+        };
+        let (depth, in_flight, delayed) = counts(queue.clone()).await?;
+        let (dead, dead_in_flight, _) = counts(format!("{queue}.dlq")).await?;
+        Ok(Stats { depth, in_flight, delayed, dead_lettered: dead + dead_in_flight, oldest_age: None })
+    }
+
+    async fn purge(&self, source: &Source) -> Result<u64> {
+        self.inner.check_open()?;
+        let before = self.stats(source).await?;
+        let queue = source_queue(source, &self.inner.capabilities)?;
+        let url = self.inner.queue_url(&queue).await?;
+        self.inner
+            .client
+            .purge_queue()
+            .queue_url(url)
+            .send()
+            .await
+            .map_err(|e| sdk_error(&format!("purge {queue}"), e))?;
+        Ok(before.depth + before.delayed)
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.closed.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// A consumer of one SQS queue.
+pub struct SqsConsumer {
+    shared: Arc<Shared>,
+    source: Source,
+    queue: String,
+    url: String,
+    options: ConsumerOptions,
+    closed: AtomicBool,
+}
+
+fn whole_seconds(d: Duration) -> i32 {
+    (d.as_secs_f64().ceil() as i64).clamp(0, 12 * 3600) as i32
+}
+
+#[async_trait]
+impl Consumer for SqsConsumer {
+    fn source(&self) -> &Source {
+        &self.source
+    }
+
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed { what: "consumer" });
+        }
+        self.shared.broker.inner.check_open()?;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            // SQS waits in whole seconds (0-20); a shorter wait polls once, then sleeps.
+            let poll = left.as_secs().min(20) as i32;
+            let out = self
+                .shared
+                .broker
+                .inner
+                .client
+                .receive_message()
+                .queue_url(&self.url)
+                .max_number_of_messages(max.clamp(1, 10) as i32)
+                .wait_time_seconds(poll)
+                .visibility_timeout(whole_seconds(self.options.lease).max(1))
+                .message_system_attribute_names(MessageSystemAttributeName::All)
+                .message_attribute_names("All")
+                .send()
+                .await
+                .map_err(|e| sdk_error(&format!("receive from queue {}", self.queue), e))?;
+            let messages = out.messages();
+            if !messages.is_empty() {
+                return messages
+                    .iter()
+                    .map(|m| {
+                        let (message, attempt, handle) = mapping::message(m)?;
+                        let acker = SqsAcker {
+                            consumer: self.shared.clone(),
+                            handle,
+                            id: message.id.clone(),
+                            attempt,
+                            message: message.clone(),
+                        };
+                        Ok(Delivery::new(message, attempt, self.source.clone(), Box::new(acker)))
+                    })
+                    .collect();
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Ok(Vec::new());
+            }
+            if left < Duration::from_secs(1) {
+                tokio::time::sleep(left).await;
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.closed.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+struct Shared {
+    broker: SqsBroker,
+    url: String,
+    dead_letter: String,
+    source: Source,
+    max_attempts: Option<u32>,
+}
+
+struct SqsAcker {
+    consumer: Arc<Shared>,
+    handle: String,
+    id: MessageId,
+    attempt: u32,
+    message: Message,
+}
+
+impl SqsAcker {
+    async fn delete(&self) -> Result<()> {
+        let inner = &self.consumer.broker.inner;
+        inner
+            .client
+            .delete_message()
+            .queue_url(&self.consumer.url)
+            .receipt_handle(&self.handle)
+            .send()
+            .await
+            .map_err(|e| sdk_error("delete a message", e))?;
+        Ok(())
+    }
+
+    async fn visibility(&self, seconds: i32) -> Result<()> {
+        let inner = &self.consumer.broker.inner;
+        inner
+            .client
+            .change_message_visibility()
+            .queue_url(&self.consumer.url)
+            .receipt_handle(&self.handle)
+            .visibility_timeout(seconds)
+            .send()
+            .await
+            .map_err(|e| {
+                let text = format!("{}", aws_sdk_sqs::error::DisplayErrorContext(&e));
+                if text.contains("ReceiptHandleIsInvalid") || text.contains("not a valid") || text.contains("expired") {
+                    Error::LeaseLost { id: self.id.clone() }
+                } else {
+                    sdk_error("change a message's visibility", e)
+                }
+            })?;
+        Ok(())
+    }
+
+    async fn dead_letter(&self, reason: &str) -> Result<()> {
+        let dead = self
+            .message
+            .clone()
+            .with_header(headers::DEAD_LETTER_REASON, reason)
+            .with_header(headers::DEAD_LETTER_ATTEMPTS, self.attempt.to_string())
+            .with_header(headers::DEAD_LETTER_ORIGIN, self.consumer.source.to_string());
+        self.consumer.broker.inner.send_one(&self.consumer.dead_letter, &dead).await?;
+        self.delete().await
+    }
+}
+
+#[async_trait]
+impl Acknowledger for SqsAcker {
+    async fn ack(&self) -> Result<()> {
+        self.delete().await
+    }
+
+    async fn retry(&self, delay: Option<Duration>) -> Result<()> {
+        if let Some(max) = self.consumer.max_attempts.filter(|max| self.attempt >= *max) {
+            return self.dead_letter(&format!("max attempts ({max}) reached on retry")).await;
+        }
+        self.visibility(delay.map(whole_seconds).unwrap_or(0)).await
+    }
+
+    async fn reject(&self, reason: &str) -> Result<()> {
+        self.dead_letter(reason).await
+    }
+
+    async fn extend_lease(&self, by: Duration) -> Result<()> {
+        self.visibility(whole_seconds(by).max(1)).await
+    }
+}
