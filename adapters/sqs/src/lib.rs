@@ -5,7 +5,9 @@
 //! `sqs://us-east-1?endpoint=http://127.0.0.1:4566`. Queues are named by the source or
 //! destination (`queue:orders`, `queue:orders.fifo`); their URLs are looked up once and
 //! cached. Options: `create=true|false` (create missing queues, default true),
-//! `endpoint=URL`.
+//! `endpoint=URL`, `redrive_max_receives=N` (queues the adapter creates get a redrive
+//! policy to their dead-letter queue `<queue>_dlq` after N receives, so a message whose
+//! consumer keeps dying unsettled is dead-lettered by SQS itself).
 //!
 //! | Courier | SQS |
 //! |---|---|
@@ -58,6 +60,7 @@ struct Inner {
     client: Client,
     url: String,
     create: bool,
+    redrive_max_receives: Option<u32>,
     capabilities: Capabilities,
     queue_urls: Mutex<HashMap<String, String>>,
     closed: AtomicBool,
@@ -96,15 +99,21 @@ impl SqsBroker {
             loader = loader.region(aws_config::Region::new(region.to_owned()));
         }
         let mut create = true;
+        let mut redrive_max_receives = None;
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=').unwrap_or((pair, "")) {
                 ("endpoint", endpoint) => loader = loader.endpoint_url(endpoint),
                 ("create", "true") => create = true,
                 ("create", "false") => create = false,
+                ("redrive_max_receives", n) => {
+                    redrive_max_receives = Some(n.parse().ok().filter(|n| (1..=1000).contains(n)).ok_or_else(|| {
+                        Error::config("sqs URL option redrive_max_receives", format!("{n:?} is not 1..=1000"))
+                    })?)
+                }
                 (key, value) => {
                     return Err(Error::config(
                         format!("sqs URL option {key}"),
-                        format!("{value:?} is not valid; options are endpoint=URL and create=true|false"),
+                        format!("{value:?} is not valid; options are endpoint=URL, create=true|false and redrive_max_receives=N"),
                     ))
                 }
             }
@@ -138,6 +147,7 @@ impl SqsBroker {
                 client: Client::new(&config),
                 url: url.to_owned(),
                 create,
+                redrive_max_receives,
                 capabilities,
                 queue_urls: Mutex::default(),
                 closed: AtomicBool::new(false),
@@ -175,12 +185,40 @@ impl Inner {
                 if name.ends_with(".fifo") {
                     create = create.attributes(QueueAttributeName::FifoQueue, "true");
                 }
+                let is_dead_letter_queue = name.trim_end_matches(".fifo").ends_with("_dlq");
+                if let (Some(max), false) = (self.redrive_max_receives, is_dead_letter_queue) {
+                    let dlq = match name.strip_suffix(".fifo") {
+                        Some(stem) => format!("{stem}_dlq.fifo"),
+                        None => format!("{name}_dlq"),
+                    };
+                    let arn = Box::pin(self.queue_arn(&dlq)).await?;
+                    let policy = format!(r#"{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"{max}"}}"#);
+                    create = create.attributes(QueueAttributeName::RedrivePolicy, policy);
+                }
                 let out = create.send().await.map_err(|e| sdk_error(&format!("create queue {name}"), e))?;
                 out.queue_url().unwrap_or_default().to_owned()
             }
         };
         self.queue_urls.lock().unwrap().insert(name.to_owned(), url.clone());
         Ok(url)
+    }
+
+    async fn queue_arn(&self, name: &str) -> Result<String> {
+        let url = self.queue_url(name).await?;
+        let out = self
+            .client
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .map_err(|e| sdk_error(&format!("read the ARN of queue {name}"), e))?;
+        out.attributes().and_then(|a| a.get(&QueueAttributeName::QueueArn)).cloned().ok_or_else(|| Error::Broker {
+            backend: BACKEND,
+            message: format!("queue {name} has no ARN"),
+            retryable: false,
+            source: None,
+        })
     }
 
     fn check(&self, queue: &str, message: &Message) -> Result<()> {
@@ -289,29 +327,42 @@ impl Broker for SqsBroker {
                     entry.build().map_err(|e| Error::permanent(BACKEND, "build a batch entry", e))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let out = self
-                .inner
-                .client
-                .send_message_batch()
-                .queue_url(&url)
-                .set_entries(Some(entries))
-                .send()
-                .await
-                .map_err(|e| sdk_error(&format!("send a batch to queue {queue}"), e))?;
-            if let Some(failed) = out.failed().first() {
-                return Err(Error::Broker {
-                    backend: BACKEND,
-                    message: format!(
-                        "{} of {} entries to queue {queue} were refused, e.g. {}: {} {}; the others were sent",
-                        out.failed().len(),
-                        end - start,
-                        failed.id(),
-                        failed.code(),
-                        failed.message().unwrap_or_default()
-                    ),
-                    retryable: !failed.sender_fault(),
-                    source: None,
-                });
+            // Entries SQS refused for its own reasons (throttling, internal errors) are sent
+            // again; entries refused as the sender's fault are reported by id.
+            let mut pending = entries;
+            for round in 0.. {
+                let out = self
+                    .inner
+                    .client
+                    .send_message_batch()
+                    .queue_url(&url)
+                    .set_entries(Some(pending.clone()))
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error(&format!("send a batch to queue {queue}"), e))?;
+                if out.failed().is_empty() {
+                    break;
+                }
+                let retryable = out.failed().iter().all(|f| !f.sender_fault());
+                if !retryable || round == 3 {
+                    let failed = &out.failed()[0];
+                    return Err(Error::Broker {
+                        backend: BACKEND,
+                        message: format!(
+                            "{} of {} entries to queue {queue} were refused, e.g. entry {}: {} {}; the others were sent",
+                            out.failed().len(),
+                            pending.len(),
+                            failed.id(),
+                            failed.code(),
+                            failed.message().unwrap_or_default()
+                        ),
+                        retryable,
+                        source: None,
+                    });
+                }
+                let failed: std::collections::HashSet<&str> = out.failed().iter().map(|f| f.id()).collect();
+                pending.retain(|e| failed.contains(e.id()));
+                tokio::time::sleep(Duration::from_millis(100 << round)).await;
             }
             start = end;
         }
