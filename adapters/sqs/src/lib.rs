@@ -32,7 +32,7 @@
 mod mapping;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -64,11 +64,32 @@ struct Inner {
     capabilities: Capabilities,
     queue_urls: Mutex<HashMap<String, String>>,
     closed: AtomicBool,
+    requests: RequestCounter,
 }
 
 impl std::fmt::Debug for SqsBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqsBroker").field("url", &redact_url(&self.inner.url)).finish_non_exhaustive()
+    }
+}
+
+/// Counts every HTTP request the SDK sends (retries included): SQS bills per request.
+#[derive(Debug, Clone, Default)]
+struct RequestCounter(Arc<AtomicU64>);
+
+impl aws_sdk_sqs::config::Intercept for RequestCounter {
+    fn name(&self) -> &'static str {
+        "courier-request-counter"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _context: &aws_sdk_sqs::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _runtime_components: &aws_sdk_sqs::config::RuntimeComponents,
+        _cfg: &mut aws_sdk_sqs::config::ConfigBag,
+    ) -> std::result::Result<(), aws_sdk_sqs::error::BoxError> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -142,9 +163,12 @@ impl SqsBroker {
             // Sends are split into SendMessageBatch calls of 10; receives return up to 10.
             max_batch: 1000,
         };
+        let requests = RequestCounter::default();
+        let client_config = aws_sdk_sqs::config::Builder::from(&config).interceptor(requests.clone()).build();
         Ok(SqsBroker {
             inner: Arc::new(Inner {
-                client: Client::new(&config),
+                requests,
+                client: Client::from_conf(client_config),
                 url: url.to_owned(),
                 create,
                 redrive_max_receives,
@@ -153,6 +177,14 @@ impl SqsBroker {
                 closed: AtomicBool::new(false),
             }),
         })
+    }
+}
+
+impl SqsBroker {
+    /// SQS API requests this broker has sent so far (SQS bills per request): divide by
+    /// messages handled for the cost per message.
+    pub fn api_requests(&self) -> u64 {
+        self.inner.requests.0.load(Ordering::Relaxed)
     }
 }
 
@@ -375,7 +407,10 @@ impl Broker for SqsBroker {
         let url = self.inner.queue_url(&queue).await?;
         let dead_letter = queue_of(&options.dead_letter_for(source), &self.inner.capabilities)?;
         self.inner.queue_url(&dead_letter).await?;
+        let (deletes, pending) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(delete_in_batches(self.clone(), url.clone(), pending));
         let shared = Arc::new(Shared {
+            deletes,
             broker: self.clone(),
             url: url.clone(),
             dead_letter,
@@ -528,7 +563,11 @@ impl Consumer for SqsConsumer {
     }
 }
 
+/// One delete waiting for its batch: the receipt handle, and who to tell.
+type PendingDelete = (String, tokio::sync::oneshot::Sender<Result<()>>);
+
 struct Shared {
+    deletes: tokio::sync::mpsc::UnboundedSender<PendingDelete>,
     broker: SqsBroker,
     url: String,
     dead_letter: String,
@@ -545,17 +584,11 @@ struct SqsAcker {
 }
 
 impl SqsAcker {
+    /// Deletes the message; acks that arrive together go out as one DeleteMessageBatch.
     async fn delete(&self) -> Result<()> {
-        let inner = &self.consumer.broker.inner;
-        inner
-            .client
-            .delete_message()
-            .queue_url(&self.consumer.url)
-            .receipt_handle(&self.handle)
-            .send()
-            .await
-            .map_err(|e| sdk_error("delete a message", e))?;
-        Ok(())
+        let (done, result) = tokio::sync::oneshot::channel();
+        self.consumer.deletes.send((self.handle.clone(), done)).map_err(|_| Error::Closed { what: "consumer" })?;
+        result.await.map_err(|_| Error::retryable("the SQS delete task stopped"))?
     }
 
     async fn visibility(&self, seconds: i32) -> Result<()> {
@@ -610,5 +643,68 @@ impl Acknowledger for SqsAcker {
 
     async fn extend_lease(&self, by: Duration) -> Result<()> {
         self.visibility(whole_seconds(by).max(1)).await
+    }
+}
+
+/// Sends the deletes of one consumer in batches of up to 10: each batch takes every
+/// delete already waiting, so concurrent acks (a worker's fetch loops, or a batch acked
+/// together) cost one request per 10 messages, while a lone ack goes out at once.
+async fn delete_in_batches(
+    broker: SqsBroker,
+    url: String,
+    mut pending: tokio::sync::mpsc::UnboundedReceiver<PendingDelete>,
+) {
+    use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
+    while let Some(first) = pending.recv().await {
+        let mut batch = vec![first];
+        // Let acks issued in the same moment join.
+        tokio::task::yield_now().await;
+        while batch.len() < 10 {
+            match pending.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let entries: Vec<_> = batch
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (handle, _))| {
+                DeleteMessageBatchRequestEntry::builder().id(format!("d{i}")).receipt_handle(handle).build().ok()
+            })
+            .collect();
+        let result = broker.inner.client.delete_message_batch().queue_url(&url).set_entries(Some(entries)).send().await;
+        match result {
+            Ok(out) => {
+                let failed: HashMap<String, String> = out
+                    .failed()
+                    .iter()
+                    .map(|f| (f.id().to_owned(), format!("{} {}", f.code(), f.message().unwrap_or_default())))
+                    .collect();
+                for (i, (_, done)) in batch.into_iter().enumerate() {
+                    let outcome = match failed.get(&format!("d{i}")) {
+                        None => Ok(()),
+                        Some(why) => Err(Error::Broker {
+                            backend: BACKEND,
+                            message: format!("could not delete a message: {why}"),
+                            retryable: !why.contains("ReceiptHandleIsInvalid"),
+                            source: None,
+                        }),
+                    };
+                    done.send(outcome).ok();
+                }
+            }
+            Err(e) => {
+                let text = format!("{}", aws_sdk_sqs::error::DisplayErrorContext(&e));
+                for (_, done) in batch {
+                    done.send(Err(Error::Broker {
+                        backend: BACKEND,
+                        message: format!("could not delete messages: {text}"),
+                        retryable: true,
+                        source: None,
+                    }))
+                    .ok();
+                }
+            }
+        }
     }
 }
