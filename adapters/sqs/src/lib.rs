@@ -7,7 +7,9 @@
 //! cached. Options: `create=true|false` (create missing queues, default true),
 //! `endpoint=URL`, `redrive_max_receives=N` (queues the adapter creates get a redrive
 //! policy to their dead-letter queue `<queue>_dlq` after N receives, so a message whose
-//! consumer keeps dying unsettled is dead-lettered by SQS itself).
+//! consumer keeps dying unsettled is dead-lettered by SQS itself), `pollers=N` (1-16,
+//! default 1: a receive of more than 10 messages makes up to N ReceiveMessage calls in
+//! parallel, for throughput when each call's round trip is the limit).
 //!
 //! | Courier | SQS |
 //! |---|---|
@@ -18,7 +20,7 @@
 //! | ordering key, dedup id | `MessageGroupId`, `MessageDeduplicationId`, on FIFO queues only |
 //! | headers | message attributes (String; names SQS refuses travel base64url-encoded as `courier-h.<name>`, empty values as type `String.courier-empty`); SQS allows 10 per message, Courier uses up to 3 (`courier-id`, `courier-encoding`, `content-type`) |
 //! | payload | the body as is when it is valid SQS text, else base64 with `courier-encoding: base64` |
-//! | receive | ReceiveMessage, long polling up to 20 s, up to 10 per call |
+//! | receive | ReceiveMessage, long polling up to 20 s, up to 10 per call, `pollers` calls in parallel |
 //! | attempt | `ApproximateReceiveCount` |
 //! | ack | DeleteMessage |
 //! | retry (with delay) | ChangeMessageVisibility to 0 (or the delay, rounded up to whole seconds) |
@@ -61,6 +63,8 @@ struct Inner {
     url: String,
     create: bool,
     redrive_max_receives: Option<u32>,
+    /// Parallel ReceiveMessage calls one receive may make.
+    pollers: usize,
     capabilities: Capabilities,
     queue_urls: Mutex<HashMap<String, String>>,
     closed: AtomicBool,
@@ -121,6 +125,7 @@ impl SqsBroker {
         }
         let mut create = true;
         let mut redrive_max_receives = None;
+        let mut pollers = 1;
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=').unwrap_or((pair, "")) {
                 ("endpoint", endpoint) => loader = loader.endpoint_url(endpoint),
@@ -131,10 +136,15 @@ impl SqsBroker {
                         Error::config("sqs URL option redrive_max_receives", format!("{n:?} is not 1..=1000"))
                     })?)
                 }
+                ("pollers", n) => {
+                    pollers = n.parse().ok().filter(|n| (1..=16).contains(n)).ok_or_else(|| {
+                        Error::config("sqs URL option pollers", format!("{n:?} is not 1..=16"))
+                    })?
+                }
                 (key, value) => {
                     return Err(Error::config(
                         format!("sqs URL option {key}"),
-                        format!("{value:?} is not valid; options are endpoint=URL, create=true|false and redrive_max_receives=N"),
+                        format!("{value:?} is not valid; options are endpoint=URL, create=true|false, redrive_max_receives=N and pollers=N"),
                     ))
                 }
             }
@@ -172,6 +182,7 @@ impl SqsBroker {
                 url: url.to_owned(),
                 create,
                 redrive_max_receives,
+                pollers,
                 capabilities,
                 queue_urls: Mutex::default(),
                 closed: AtomicBool::new(false),
@@ -498,6 +509,28 @@ fn whole_seconds(d: Duration) -> i32 {
     (d.as_secs_f64().ceil() as i64).clamp(0, 12 * 3600) as i32
 }
 
+impl SqsConsumer {
+    /// One ReceiveMessage call: up to `max` (1-10) messages, waiting up to `wait_secs`.
+    async fn poll(&self, max: i32, wait_secs: i32) -> Result<Vec<aws_sdk_sqs::types::Message>> {
+        let out = self
+            .shared
+            .broker
+            .inner
+            .client
+            .receive_message()
+            .queue_url(&self.url)
+            .max_number_of_messages(max)
+            .wait_time_seconds(wait_secs)
+            .visibility_timeout(whole_seconds(self.options.lease).max(1))
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .message_attribute_names("All")
+            .send()
+            .await
+            .map_err(|e| sdk_error(&format!("receive from queue {}", self.queue), e))?;
+        Ok(out.messages.unwrap_or_default())
+    }
+}
+
 #[async_trait]
 impl Consumer for SqsConsumer {
     fn source(&self) -> &Source {
@@ -510,26 +543,16 @@ impl Consumer for SqsConsumer {
         }
         self.shared.broker.inner.check_open()?;
         let deadline = tokio::time::Instant::now() + wait;
+        // Several pollers: a large receive asks SQS in parallel calls of up to 10 each.
+        let calls = max.div_ceil(10).clamp(1, self.shared.broker.inner.pollers);
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            // SQS waits in whole seconds (0-20); a shorter wait polls once, then sleeps.
-            let poll = left.as_secs().min(20) as i32;
-            let out = self
-                .shared
-                .broker
-                .inner
-                .client
-                .receive_message()
-                .queue_url(&self.url)
-                .max_number_of_messages(max.clamp(1, 10) as i32)
-                .wait_time_seconds(poll)
-                .visibility_timeout(whole_seconds(self.options.lease).max(1))
-                .message_system_attribute_names(MessageSystemAttributeName::All)
-                .message_attribute_names("All")
-                .send()
-                .await
-                .map_err(|e| sdk_error(&format!("receive from queue {}", self.queue), e))?;
-            let messages = out.messages();
+            // SQS waits in whole seconds (0-20). A wait a hair under a whole second (the time
+            // spent getting here) counts as that second, rather than as a short poll and a sleep.
+            let poll = (left + Duration::from_millis(50)).as_secs().min(20) as i32;
+            let per_call = max.div_ceil(calls).clamp(1, 10);
+            let received = futures::future::try_join_all((0..calls).map(|_| self.poll(per_call as i32, poll))).await?;
+            let messages: Vec<_> = received.into_iter().flatten().collect();
             if !messages.is_empty() {
                 return messages
                     .iter()
@@ -657,12 +680,19 @@ async fn delete_in_batches(
     use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
     while let Some(first) = pending.recv().await {
         let mut batch = vec![first];
-        // Let acks issued in the same moment join.
-        tokio::task::yield_now().await;
-        while batch.len() < 10 {
-            match pending.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
+        // Let acks issued in the same moment join: acks of one batch may be issued from
+        // another thread while this task already runs, so linger 2 ms (a request costs
+        // far more) before sending a batch that is not full.
+        for linger in [Duration::ZERO, Duration::from_millis(2)] {
+            if batch.len() == 10 {
+                break;
+            }
+            tokio::time::sleep(linger).await;
+            while batch.len() < 10 {
+                match pending.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
             }
         }
         let entries: Vec<_> = batch
