@@ -569,6 +569,7 @@ pub async fn many_consumers_random_failures_lose_nothing(h: &dyn Harness) {
     }
     let script = Arc::new(script);
     let acked: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let rejected: Arc<Mutex<HashSet<String>>> = Arc::default();
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let expected_rejects = script.values().filter(|(_, r)| *r).count();
     let mut tasks = Vec::new();
@@ -576,20 +577,31 @@ pub async fn many_consumers_random_failures_lose_nothing(h: &dyn Harness) {
     for _ in 0..s.timing.soak_consumers {
         let consumer: Arc<dyn Consumer> =
             Arc::from(s.consumer(ConsumerOptions::default().max_attempts(5).lease(Duration::from_secs(60))).await);
-        let (script, acked, done) = (script.clone(), acked.clone(), done.clone());
+        let (script, acked, rejected, done) = (script.clone(), acked.clone(), rejected.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
             while done.load(std::sync::atomic::Ordering::SeqCst) < n && Instant::now() < deadline {
                 for d in consumer.receive(32, Duration::from_millis(200)).await.expect("receive") {
                     let (fails, reject) = script[d.id.as_str()];
+                    // `done` counts distinct messages, so a duplicate delivery is reported
+                    // as one below instead of ending the run early and hiding another.
                     if reject {
                         d.reject("scripted rejection").await.expect("reject");
-                        done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if rejected.lock().unwrap().insert(d.id.to_string()) {
+                            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
                     } else if d.attempt() <= fails {
                         d.retry().await.expect("retry");
                     } else {
-                        *acked.lock().unwrap().entry(d.id.to_string()).or_default() += 1;
+                        let first = {
+                            let mut acked = acked.lock().unwrap();
+                            let count = acked.entry(d.id.to_string()).or_default();
+                            *count += 1;
+                            *count == 1
+                        };
                         d.ack().await.expect("ack");
-                        done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if first {
+                            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
                     }
                 }
             }
