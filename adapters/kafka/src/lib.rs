@@ -1,0 +1,395 @@
+//! Courier's Kafka backend, on [rdkafka](https://docs.rs/rdkafka) (librdkafka).
+//!
+//! Open it with a `kafka://` URL: `kafka://127.0.0.1:9092`, several brokers
+//! `kafka://a:9092,b:9092`, with SASL credentials `kafka://user:password@host:9093`.
+//! Options: `group=PREFIX` (consumer group ids become `PREFIX.<queue>`), `partitions=N`
+//! and `replication_factor=N` (topics Courier creates; 4 and 1), `create=true|false`
+//! (create missing topics, default true), `rebalance_drain_ms=N` (see below),
+//! `security_protocol=…`, `sasl_mechanism=…`, and any librdkafka setting by its dotted
+//! name (`?fetch.min.bytes=1024`), passed to every client as it is.
+//!
+//! | Courier | Kafka |
+//! |---|---|
+//! | queue `q` | topic `q`, consumed by the group `q` (consumers compete for partitions) |
+//! | topic `t`, subscription `s` | topic `t`, consumed by the group `t.s`; a subscription starts where the topic ended when it was declared |
+//! | send, batch send | an idempotent producer, `acks=all`; send returns after the delivery report; a batch is pipelined |
+//! | ordering key | the record key: one partition per key; one message per key in flight at a time |
+//! | headers, id, content type | record headers (`courier-id`, `content-type`); CloudEvents `ce_` headers are read too (`ce_id` is the id when `courier-id` is absent) |
+//! | ack | the offset, committed once every earlier offset of its partition is settled |
+//! | retry (with delay) | a copy to the retry topic `<group>.retry` with `courier-attempt` and `courier-not-before`, then ack |
+//! | reject, max attempts | a copy to the dead-letter topic (`<queue>.dlq`) with the reason headers, then ack |
+//! | lease | until the offset is committed or the partition is taken away (`Unsupported`: expiry, extension) |
+//! | delayed send, dedup ids, stats, purge | `Unsupported` |
+//!
+//! # Delivery semantics
+//!
+//! At least once. Kafka keeps one position per partition, so an ack stores the position
+//! only when every earlier message of the partition is settled (acks out of order are
+//! tracked); librdkafka commits stored positions every second, when partitions are
+//! revoked, and on close. After a crash, messages after the last commit are delivered
+//! again.
+//!
+//! Kafka cannot hand one message back. A retry sends a copy to the consumer group's retry
+//! topic, with the attempt number and a not-before time in headers, and acks the original,
+//! so a failing message never holds its partition back. The retry topic has as many
+//! partitions as the source and the copy goes to the same partition number; consumers
+//! subscribe to both with the range assignor, which gives one consumer the same partition
+//! numbers of both, so the copy returns to the consumer that holds its key. Copies wait in
+//! memory until their time, their offsets uncommitted.
+//!
+//! Per-key order: a consumer hands out one message per key at a time; later messages of
+//! the key wait, and so do they while the key's message is being retried, until it is
+//! acked or dead-lettered. Other keys go on. Order across a retry survives as long as the
+//! partition stays with one consumer; after a rebalance the new owner may start the next
+//! message of a key before the retried copy comes back.
+//!
+//! Rebalances: when partitions are revoked, the consumer waits up to `rebalance_drain_ms`
+//! (10 s) for the messages it handed out from them to be settled, commits, and lets them
+//! go, so a rebalance redelivers as little as possible. Settling a message after its
+//! partition was taken away fails with `LeaseLost`; its new owner delivers it again.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), courier_core::Error> {
+//! use courier_core::{Broker, Message, Source};
+//!
+//! let broker = courier_kafka::KafkaBroker::connect("kafka://127.0.0.1:9092").await?;
+//! let orders = Source::queue("orders")?;
+//! broker.declare(&orders).await?;
+//! broker.send(&orders.destination(), Message::new("order 1").with_ordering_key("customer-7")).await?;
+//! let consumer = broker.consumer(&orders, Default::default()).await?;
+//! for delivery in consumer.receive(10, std::time::Duration::from_secs(5)).await? {
+//!     delivery.ack().await?;
+//! }
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+mod config;
+mod consumer;
+mod mapping;
+mod offsets;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use courier_core::{
+    Broker, Capabilities, Consumer, ConsumerOptions, Destination, Error, Feature, Message, MessageId, Result, Source,
+};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::{Offset, TopicPartitionList};
+
+use config::KafkaConfig;
+
+const BACKEND: &str = "kafka";
+/// Payload limit: Kafka's default `message.max.bytes` is 1 MiB for the whole record batch;
+/// this leaves room for headers and framing.
+const MAX_PAYLOAD: usize = 1_000_000;
+/// How long a broker call may take before it fails as retryable.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A Kafka broker: a cheap, cloneable handle on one producer and admin client.
+#[derive(Clone)]
+pub struct KafkaBroker {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    config: KafkaConfig,
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    capabilities: Capabilities,
+    /// Topics known to exist, with their partition counts.
+    topics: Mutex<HashMap<String, i32>>,
+    closed: AtomicBool,
+}
+
+impl fmt::Debug for KafkaBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaBroker").field("url", &self.inner.config.redacted).finish()
+    }
+}
+
+/// A Kafka error as Courier's, retryable when Kafka says so or when it is about reaching brokers.
+pub(crate) fn kafka_error(what: &str, e: KafkaError) -> Error {
+    let retryable = match e.rdkafka_error_code() {
+        Some(code) => matches!(
+            code,
+            RDKafkaErrorCode::QueueFull
+                | RDKafkaErrorCode::MessageTimedOut
+                | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::NetworkException
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::OperationTimedOut
+                | RDKafkaErrorCode::NotEnoughReplicas
+                | RDKafkaErrorCode::NotEnoughReplicasAfterAppend
+                | RDKafkaErrorCode::CoordinatorNotAvailable
+                | RDKafkaErrorCode::NotCoordinator
+                | RDKafkaErrorCode::CoordinatorLoadInProgress
+                | RDKafkaErrorCode::RebalanceInProgress
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::Resolve
+        ),
+        None => false,
+    };
+    Error::Broker { backend: BACKEND, message: format!("{what}: {e}"), retryable, source: Some(Box::new(e)) }
+}
+
+impl KafkaBroker {
+    /// Connects with a `kafka://` URL (see the crate docs). Clients connect lazily, so this
+    /// fails only on a malformed URL or settings librdkafka refuses.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let config = KafkaConfig::from_url(url)?;
+        let mut producer_config = config.client_config();
+        producer_config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.max.bytes", "1048576");
+        for (key, value) in &config.client {
+            producer_config.set(key, value); // settings in the URL win
+        }
+        let producer: FutureProducer =
+            producer_config.create().map_err(|e| Error::config("kafka producer settings", e.to_string()))?;
+        let admin: AdminClient<DefaultClientContext> =
+            config.client_config().create().map_err(|e| Error::config("kafka admin settings", e.to_string()))?;
+        let capabilities = Capabilities {
+            backend: BACKEND,
+            fan_out: true,
+            ordered_keys: true,
+            max_delay: None,
+            delayed_retry: true,
+            dedup: false,
+            lease_expiry: false,
+            lease_extension: false,
+            native_dead_letter: false,
+            stats: false,
+            purge: false,
+            max_payload: MAX_PAYLOAD,
+            max_batch: 10_000,
+        };
+        Ok(KafkaBroker {
+            inner: Arc::new(Inner {
+                config,
+                producer,
+                admin,
+                capabilities,
+                topics: Mutex::default(),
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+}
+
+impl Inner {
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(Error::Closed { what: "broker" })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The partition count of `topic`, creating it with `partitions` when missing and
+    /// creation is on.
+    pub(crate) async fn ensure_topic(&self, topic: &str, partitions: Option<i32>) -> Result<i32> {
+        if let Some(n) = self.topics.lock().unwrap().get(topic) {
+            return Ok(*n);
+        }
+        if let Some(n) = self.partitions_of(topic).await? {
+            self.topics.lock().unwrap().insert(topic.to_owned(), n);
+            return Ok(n);
+        }
+        if !self.config.create {
+            return Err(Error::NotFound { kind: "topic", name: topic.to_owned() });
+        }
+        let partitions = partitions.unwrap_or(self.config.partitions);
+        let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(self.config.replication));
+        let options = AdminOptions::new().operation_timeout(Some(CALL_TIMEOUT));
+        let results = self
+            .admin
+            .create_topics([&new], &options)
+            .await
+            .map_err(|e| kafka_error(&format!("create topic {topic}"), e))?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    return Err(kafka_error(&format!("create topic {name}"), KafkaError::AdminOp(code)));
+                }
+            }
+        }
+        // Creation is asynchronous in Kafka: wait until the metadata shows the partitions.
+        let started = tokio::time::Instant::now();
+        loop {
+            if let Some(n) = self.partitions_of(topic).await? {
+                self.topics.lock().unwrap().insert(topic.to_owned(), n);
+                return Ok(n);
+            }
+            if started.elapsed() > CALL_TIMEOUT {
+                return Err(Error::retryable(format!("kafka: topic {topic} was created but has no partitions yet")));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The partition count of `topic`, or `None` when it does not exist.
+    async fn partitions_of(&self, topic: &str) -> Result<Option<i32>> {
+        let producer = self.producer.clone();
+        let name = topic.to_owned();
+        let metadata = tokio::task::spawn_blocking(move || producer.client().fetch_metadata(Some(&name), CALL_TIMEOUT))
+            .await
+            .map_err(|e| Error::fatal(format!("kafka metadata task: {e}")))?
+            .map_err(|e| kafka_error(&format!("metadata of topic {topic}"), e))?;
+        Ok(metadata.topics().iter().find(|t| t.name() == topic).and_then(|t| {
+            let missing = t.error().is_some() || t.partitions().is_empty();
+            (!missing).then_some(t.partitions().len() as i32)
+        }))
+    }
+
+    /// Sends one record and waits for its delivery report.
+    pub(crate) async fn produce(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        message: &Message,
+        extra: &[(&str, &str)],
+    ) -> Result<()> {
+        let mut record = FutureRecord::to(topic)
+            .payload(&message.payload[..])
+            .headers(mapping::headers(message, extra))
+            .timestamp(mapping::timestamp_ms(message));
+        if let Some(key) = &message.ordering_key {
+            record = record.key(key.as_str());
+        }
+        if let Some(partition) = partition {
+            record = record.partition(partition);
+        }
+        self.producer
+            .send(record, CALL_TIMEOUT)
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| kafka_error(&format!("send to topic {topic}"), e))
+    }
+
+    /// Starts a subscription's group where the topic ends now, unless it has a position.
+    /// Without this, a new group would start at the topic's beginning and see messages
+    /// sent before the subscription existed.
+    async fn start_group_at_end(&self, topic: &str, group: &str) -> Result<()> {
+        let mut client = self.config.client_config();
+        client.set("group.id", group).set("enable.auto.commit", "false");
+        let (topic, group) = (topic.to_owned(), group.to_owned());
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let consumer: BaseConsumer =
+                client.create().map_err(|e| Error::config("kafka consumer settings", e.to_string()))?;
+            let what = |action: &str| format!("{action} for subscription group {group}");
+            let metadata =
+                consumer.fetch_metadata(Some(&topic), CALL_TIMEOUT).map_err(|e| kafka_error(&what("metadata"), e))?;
+            let partitions: Vec<i32> = metadata
+                .topics()
+                .iter()
+                .filter(|t| t.name() == topic)
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
+            let mut asked = TopicPartitionList::new();
+            for p in &partitions {
+                asked.add_partition(&topic, *p);
+            }
+            let committed =
+                consumer.committed_offsets(asked, CALL_TIMEOUT).map_err(|e| kafka_error(&what("read offsets"), e))?;
+            if committed.elements().iter().any(|e| matches!(e.offset(), Offset::Offset(_))) {
+                return Ok(()); // the group has a position already
+            }
+            let mut start = TopicPartitionList::new();
+            for p in partitions {
+                let (_, high) = consumer
+                    .fetch_watermarks(&topic, p, CALL_TIMEOUT)
+                    .map_err(|e| kafka_error(&what("read the topic's end"), e))?;
+                start
+                    .add_partition_offset(&topic, p, Offset::Offset(high))
+                    .map_err(|e| kafka_error(&what("set offsets"), e))?;
+            }
+            consumer.commit(&start, CommitMode::Sync).map_err(|e| kafka_error(&what("commit the start"), e))
+        })
+        .await
+        .map_err(|e| Error::fatal(format!("kafka: declaring a subscription: {e}")))?
+    }
+}
+
+/// The topic a destination or source reads from.
+fn topic_of(destination: &Destination) -> &str {
+    destination.name().as_str()
+}
+
+#[async_trait]
+impl Broker for KafkaBroker {
+    fn capabilities(&self) -> &Capabilities {
+        &self.inner.capabilities
+    }
+
+    async fn send(&self, destination: &Destination, message: Message) -> Result<MessageId> {
+        self.inner.check_open()?;
+        self.inner.capabilities.check_message(&message)?;
+        let topic = topic_of(destination);
+        self.inner.ensure_topic(topic, None).await?;
+        self.inner.produce(topic, None, &message, &[]).await?;
+        Ok(message.id)
+    }
+
+    async fn send_batch(&self, destination: &Destination, messages: Vec<Message>) -> Result<Vec<MessageId>> {
+        self.inner.check_open()?;
+        self.inner.capabilities.check_batch(&messages)?;
+        let topic = topic_of(destination);
+        self.inner.ensure_topic(topic, None).await?;
+        // All records are queued on the first poll, then the delivery reports are awaited
+        // together: one round trip's worth of latency for the whole batch.
+        futures::future::try_join_all(messages.iter().map(|m| self.inner.produce(topic, None, m, &[]))).await?;
+        Ok(messages.into_iter().map(|m| m.id).collect())
+    }
+
+    async fn consumer(&self, source: &Source, options: ConsumerOptions) -> Result<Box<dyn Consumer>> {
+        self.inner.check_open()?;
+        self.declare(source).await?;
+        Ok(Box::new(consumer::KafkaConsumer::open(self.inner.clone(), source.clone(), options).await?))
+    }
+
+    async fn declare(&self, source: &Source) -> Result<()> {
+        self.inner.check_open()?;
+        let topic = source.destination();
+        self.inner.ensure_topic(topic_of(&topic), None).await?;
+        if let Source::Subscription { .. } = source {
+            self.inner.start_group_at_end(topic_of(&topic), &self.inner.config.group_id(source)).await?;
+        }
+        Ok(())
+    }
+
+    async fn stats(&self, _source: &Source) -> Result<courier_core::Stats> {
+        Err(self.inner.capabilities.unsupported(Feature::Stats))
+    }
+
+    async fn purge(&self, _source: &Source) -> Result<u64> {
+        Err(self.inner.capabilities.unsupported(Feature::Purge))
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let producer = self.inner.producer.clone();
+        tokio::task::spawn_blocking(move || producer.flush(CALL_TIMEOUT))
+            .await
+            .map_err(|e| Error::fatal(format!("kafka: flushing the producer: {e}")))?
+            .map_err(|e| kafka_error("flush the producer on close", e))
+    }
+}
