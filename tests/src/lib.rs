@@ -60,7 +60,7 @@ pub async fn amqp_url() -> String {
 mod containers {
     use testcontainers::core::{IntoContainerPort, WaitFor};
     use testcontainers::runners::AsyncRunner;
-    use testcontainers::{ContainerAsync, GenericImage};
+    use testcontainers::{ContainerAsync, GenericImage, ImageExt};
 
     /// Containers live as long as the test process; testcontainers' reaper removes them after.
     static RUNNING: std::sync::Mutex<Vec<ContainerAsync<GenericImage>>> = std::sync::Mutex::new(Vec::new());
@@ -77,6 +77,38 @@ mod containers {
         let port = container.get_host_port_ipv4(5672).await.expect("container port");
         RUNNING.lock().unwrap().push(container);
         format!("amqp://guest:guest@{host}:{port}/%2f")
+    }
+
+    /// ElasticMQ, with queue URLs that name the address the client used (the mapped port),
+    /// not its default `localhost:9324`.
+    pub async fn elasticmq() -> String {
+        eprintln!("fixtures: starting the softwaremill/elasticmq-native image through testcontainers");
+        const CONFIG: &str = "include classpath(\"application.conf\")\nnode-address { protocol = http, host = \"*\", port = 9324, context-path = \"\" }\n";
+        let container = GenericImage::new("softwaremill/elasticmq-native", "1.6.11")
+            .with_exposed_port(9324.tcp())
+            .with_wait_for(WaitFor::message_on_stdout("ElasticMQ server"))
+            .with_copy_to("/opt/elasticmq.conf", CONFIG.as_bytes().to_vec())
+            .start()
+            .await
+            .unwrap_or_else(|e| panic!("a Docker engine is present but the elasticmq image did not start: {e}; set COURIER_TEST_SQS to use another server"));
+        let host = container.get_host().await.expect("container host");
+        let port = container.get_host_port_ipv4(9324).await.expect("container port");
+        RUNNING.lock().unwrap().push(container);
+        format!("sqs://us-east-1?endpoint=http://{host}:{port}")
+    }
+
+    /// Apache Kafka in KRaft mode, on host port 9092 (what its listener advertises).
+    pub async fn kafka() -> String {
+        eprintln!("fixtures: starting the apache/kafka image through testcontainers");
+        let container = GenericImage::new("apache/kafka", "3.9.1")
+            .with_exposed_port(9092.tcp())
+            .with_wait_for(WaitFor::message_on_stdout("Kafka Server started"))
+            .with_mapped_port(9092, 9092.tcp())
+            .start()
+            .await
+            .unwrap_or_else(|e| panic!("a Docker engine is present but the apache/kafka image did not start: {e}; set COURIER_TEST_KAFKA to use another broker"));
+        RUNNING.lock().unwrap().push(container);
+        "kafka://127.0.0.1:9092".to_owned()
     }
 }
 
@@ -104,16 +136,82 @@ impl Harness for AmqpHarness {
     }
 }
 
-/// SQS: `$COURIER_TEST_SQS`, else the moto server `scripts/brokers up` starts at
-/// 127.0.0.1:4566. moto accepts any credentials; unless the environment has some, the
-/// fixture sets dummy ones for the AWS credential chain to find.
-pub fn sqs_url() -> String {
-    if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
-        // Test processes only; the AWS SDK reads these through its standard chain.
-        std::env::set_var("AWS_ACCESS_KEY_ID", "courier-test");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "courier-test");
+/// SQS: `$COURIER_TEST_SQS`; else with Docker, the `softwaremill/elasticmq-native` image;
+/// else the moto server `scripts/brokers up` starts at 127.0.0.1:4566. Both servers accept
+/// any credentials; unless the environment has some, the fixture sets dummy ones for the
+/// AWS credential chain to find.
+pub async fn sqs_url() -> String {
+    static URL: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    URL.get_or_init(|| async {
+        if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
+            // Test processes only; the AWS SDK reads these through its standard chain.
+            std::env::set_var("AWS_ACCESS_KEY_ID", "courier-test");
+            std::env::set_var("AWS_SECRET_ACCESS_KEY", "courier-test");
+        }
+        if let Ok(url) = std::env::var("COURIER_TEST_SQS") {
+            if !url.is_empty() {
+                return url;
+            }
+        }
+        if docker_available() {
+            return containers::elasticmq().await;
+        }
+        "sqs://us-east-1?endpoint=http://127.0.0.1:4566".to_owned()
+    })
+    .await
+    .clone()
+}
+
+/// Kafka: `$COURIER_TEST_KAFKA`; else with Docker, the `apache/kafka` image (its default
+/// listener advertises `localhost:9092`, so the container takes that host port); else the
+/// Tansu broker `scripts/brokers up` starts at 127.0.0.1:9092.
+///
+/// Against Tansu, producers send one record per batch (`batch.num.messages=1`): Tansu 0.6
+/// answers a fetch that starts inside a record batch with the *next* batch, so a consumer
+/// resuming from a committed offset mid-batch would never see the rest of that batch.
+/// Apache Kafka returns the whole batch and the client skips what it did not ask for.
+pub async fn kafka_url() -> String {
+    static URL: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    URL.get_or_init(|| async {
+        if let Ok(url) = std::env::var("COURIER_TEST_KAFKA") {
+            if !url.is_empty() {
+                return url;
+            }
+        }
+        if docker_available() {
+            return containers::kafka().await;
+        }
+        "kafka://127.0.0.1:9092?batch.num.messages=1".to_owned()
+    })
+    .await
+    .clone()
+}
+
+/// The Kafka backend: each case opens its own clients.
+#[derive(Debug, Default, Clone)]
+pub struct KafkaHarness;
+
+#[async_trait]
+impl Harness for KafkaHarness {
+    async fn broker(&self) -> Result<DynBroker> {
+        let url = kafka_url().await;
+        let broker = courier_kafka::KafkaBroker::connect(&url).await.map_err(|e| {
+            eprintln!("cannot use Kafka at {}: {e}; run scripts/brokers up", courier_core::redact_url(&url));
+            e
+        })?;
+        Ok(Arc::new(broker))
     }
-    endpoint("COURIER_TEST_SQS", "sqs://us-east-1?endpoint=http://127.0.0.1:4566")
+
+    fn timing(&self) -> Timing {
+        Timing {
+            // A new consumer joins its group before it reads: the first rebalance takes ~3 s.
+            arrive_within: std::time::Duration::from_secs(20),
+            quiet: std::time::Duration::from_millis(500),
+            soak_messages: 2_000,
+            soak_consumers: 4,
+            ..Timing::default()
+        }
+    }
 }
 
 /// The SQS backend against moto (slow, ~200 messages/s): a small soak, whole-second leases.
@@ -123,7 +221,7 @@ pub struct SqsHarness;
 #[async_trait]
 impl Harness for SqsHarness {
     async fn broker(&self) -> Result<DynBroker> {
-        let url = sqs_url();
+        let url = sqs_url().await;
         let broker = courier_sqs::SqsBroker::connect(&url).await.map_err(|e| {
             eprintln!("cannot reach SQS at {}: {e}; run scripts/brokers up", courier_core::redact_url(&url));
             e
