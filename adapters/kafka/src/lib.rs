@@ -139,6 +139,10 @@ pub(crate) fn kafka_error(what: &str, e: KafkaError) -> Error {
                 | RDKafkaErrorCode::CoordinatorLoadInProgress
                 | RDKafkaErrorCode::RebalanceInProgress
                 | RDKafkaErrorCode::UnknownTopicOrPartition
+                // librdkafka's own view of the same thing (its metadata lacks the topic or
+                // partition), e.g. while a restarted broker has not recreated the topic yet.
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownPartition
                 | RDKafkaErrorCode::Resolve
         ),
         None => false,
