@@ -66,6 +66,11 @@ pub struct Timing {
     pub soak_messages: usize,
     /// Consumers in the many-consumers case.
     pub soak_consumers: usize,
+    /// How long a second consumer may take to get a share of a queue another consumer
+    /// already reads (a Kafka consumer group rebalances first). The competing-consumers
+    /// case spreads one consumer's work over at least this long, so the split it checks
+    /// does not depend on who wins that race.
+    pub join_within: Duration,
 }
 
 impl Default for Timing {
@@ -77,6 +82,7 @@ impl Default for Timing {
             quiet: Duration::from_millis(200),
             soak_messages: 10_000,
             soak_consumers: 8,
+            join_within: Duration::ZERO,
         }
     }
 }
@@ -372,13 +378,14 @@ pub async fn competing_consumers_split_the_work(h: &dyn Harness) {
         // whole small queue to the first consumer, which is allowed but not a split.
         let consumer: Arc<dyn Consumer> = Arc::from(s.consumer(ConsumerOptions::default().prefetch(1)).await);
         let seen = seen.clone();
-        let within = s.timing.arrive_within;
+        let within = s.timing.arrive_within + s.timing.join_within;
+        let work = (s.timing.join_within / n as u32).max(Duration::from_millis(5));
         tasks.push(tokio::spawn(async move {
             let deadline = Instant::now() + within;
             while seen.lock().unwrap().len() < n && Instant::now() < deadline {
                 for d in consumer.receive(1, Duration::from_millis(200)).await.expect("receive") {
                     seen.lock().unwrap().push((worker, d.id.to_string()));
-                    tokio::time::sleep(Duration::from_millis(5)).await; // work
+                    tokio::time::sleep(work).await;
                     d.ack().await.expect("ack");
                 }
             }

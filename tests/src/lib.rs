@@ -209,6 +209,8 @@ impl Harness for KafkaHarness {
             quiet: std::time::Duration::from_millis(500),
             soak_messages: 2_000,
             soak_consumers: 4,
+            // Tansu's rebalance takes ~3 s, longer on a loaded machine.
+            join_within: std::time::Duration::from_secs(8),
             ..Timing::default()
         }
     }

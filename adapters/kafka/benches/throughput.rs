@@ -4,7 +4,8 @@
 //! `cargo bench -p courier-kafka --bench throughput` (Kafka API from `scripts/brokers up`,
 //! or `$COURIER_TEST_KAFKA`). `BENCH_MESSAGES` and `BENCH_ROUNDS` change the size.
 //!
-//! Same work on both sides: an idempotent producer with `acks=all` and `linger.ms=5`,
+//! Same work on both sides: an idempotent producer with `acks=all`, `linger.ms=5` and
+//! keyless records spread per message (`sticky.partitioning.linger.ms=0`),
 //! records with an id header and a timestamp, sent in batches of 1000 whose delivery
 //! reports are awaited together; then a group member (range assignor, offsets stored after
 //! processing and auto-committed) takes records in batches (wait for one, take what else
@@ -49,6 +50,7 @@ async fn raw(brokers: &str, n: usize) -> Round {
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
+        .set("sticky.partitioning.linger.ms", "0")
         .set("message.max.bytes", "1048576")
         .create()
         .unwrap();

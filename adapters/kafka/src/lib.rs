@@ -14,6 +14,7 @@
 //! | topic `t`, subscription `s` | topic `t`, consumed by the group `t.s`; a subscription starts where the topic ended when it was declared |
 //! | send, batch send | an idempotent producer, `acks=all`; send returns after the delivery report; a batch is pipelined |
 //! | ordering key | the record key: one partition per key; one message per key in flight at a time |
+//! | no ordering key | a partition picked at random per message (`sticky.partitioning.linger.ms=0`), so the consumers of a queue share even a short burst |
 //! | headers, id, content type | record headers (`courier-id`, `content-type`); CloudEvents `ce_` headers are read too (`ce_id` is the id when `courier-id` is absent) |
 //! | ack | the offset, committed once every earlier offset of its partition is settled |
 //! | retry (with delay) | a copy to the retry topic `<group>.retry` with `courier-attempt` and `courier-not-before`, then ack |
@@ -160,6 +161,9 @@ impl KafkaBroker {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
+            // librdkafka's default sends a burst of keyless records to one partition, which
+            // only one consumer of the group reads: spread them, so competing consumers share it.
+            .set("sticky.partitioning.linger.ms", "0")
             .set("message.max.bytes", "1048576");
         for (key, value) in &config.client {
             producer_config.set(key, value); // settings in the URL win
