@@ -21,7 +21,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Message as _};
 
 const BATCH: usize = 1000;
@@ -54,6 +54,22 @@ async fn raw(brokers: &str, n: usize) -> Round {
         .set("message.max.bytes", "1048576")
         .create()
         .unwrap();
+    // Courier's `declare` reads the new topic's metadata through its producer until the
+    // partitions show (creation is asynchronous); do the same here, so neither side's
+    // timing includes connecting or waiting for the topic.
+    loop {
+        let (warm, name) = (producer.clone(), topic.clone());
+        let ready = tokio::task::spawn_blocking(move || {
+            let metadata = warm.client().fetch_metadata(Some(&name), Duration::from_secs(10)).unwrap();
+            metadata.topics().iter().any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty())
+        })
+        .await
+        .unwrap();
+        if ready {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let payload = [7u8; 100];
     let started = Instant::now();
     let mut sent = 0;
@@ -169,6 +185,11 @@ async fn main() {
         eprintln!("round {}/{rounds}: {n} messages each way", round + 1);
         raw_rounds.push(raw(&brokers, n).await);
         courier_rounds.push(courier(&url, n).await);
+        let (r, c) = (raw_rounds.last().unwrap(), courier_rounds.last().unwrap());
+        eprintln!(
+            "  raw produce {:?} consume {:?}; courier produce {:?} consume {:?}",
+            r.produce, r.consume, c.produce, c.consume
+        );
     }
     let summary = |rs: &[Round]| {
         let produce = median(rs.iter().map(|r| rate(n, r.produce)).collect());
