@@ -3,16 +3,13 @@
 //! ```sh
 //! # 1-3. a long-running worker; the backend is configuration
 //! cargo run -p courier --example orders --features lambda,http -- worker amqp://guest:guest@127.0.0.1:5672/%2f
-//! cargo run -p courier --example orders --features lambda,http -- worker kafka://127.0.0.1:9092
+//! cargo run -p courier --example orders --features lambda,http,kafka -- worker kafka://127.0.0.1:9092
 //! cargo run -p courier --example orders --features lambda,http,sqs -- worker 'sqs://us-east-1?endpoint=http://127.0.0.1:4566'
 //! # 4. the AWS Lambda entry point (SQS, or Kafka or RabbitMQ event source mappings)
 //! cargo lambda build --example orders --features lambda,http   # deploy; Lambda runs `orders lambda`
 //! # 5. an HTTP push endpoint (CloudEvents, Pub/Sub push)
 //! cargo run -p courier --example orders --features lambda,http -- http 127.0.0.1:8080
 //! ```
-//!
-//! The Kafka adapter is not written yet (issue 5): until it is, `worker kafka://…` stops
-//! with an error saying so. The handler and this file will not change when it lands.
 
 use courier::trigger::Trigger;
 use courier::{App, Error, Json, RouteOptions, Source};
