@@ -30,7 +30,8 @@ async fn raw(client: &aws_sdk_sqs::Client, n: usize) -> Round {
     let url = client.create_queue().queue_name(&name).send().await.unwrap().queue_url().unwrap().to_owned();
     let body = "x".repeat(100);
     let started = Instant::now();
-    let mut requests = 1; // create
+    // Steady-state traffic only: creating the queue is not counted (nor on Courier's side).
+    let mut requests = 0;
     for chunk in (0..n).collect::<Vec<_>>().chunks(10) {
         let entries = chunk
             .iter()
@@ -73,22 +74,25 @@ async fn raw(client: &aws_sdk_sqs::Client, n: usize) -> Round {
 
 async fn courier(broker: &SqsBroker, n: usize) -> Round {
     let source = Source::queue(&unique_name("bench-courier")).unwrap();
+    // Steady-state traffic only: declaring the queue and opening the consumer (which
+    // also makes its dead-letter queue) are not counted, as the raw side's create is not.
+    broker.declare(&source).await.unwrap();
     let before = broker.api_requests();
     let started = Instant::now();
-    broker.declare(&source).await.unwrap();
     for chunk in (0..n).collect::<Vec<_>>().chunks(10) {
         let batch = chunk.iter().map(|_| Message::new("x".repeat(100))).collect();
         broker.send_batch(&source.destination(), batch).await.unwrap();
     }
+    let sending = broker.api_requests() - before;
     let consumer = broker.consumer(&source, ConsumerOptions::default()).await.unwrap();
+    let before = broker.api_requests();
     let mut received = 0;
     while received < n {
         let batch = consumer.receive(10, Duration::from_secs(1)).await.unwrap();
         received += batch.len();
         futures_join(batch.iter().map(|d| d.ack())).await;
     }
-    // The consumer also made its dead-letter queue; count only the steady-state traffic.
-    let requests = broker.api_requests() - before;
+    let requests = sending + broker.api_requests() - before;
     Round { elapsed: started.elapsed(), requests }
 }
 
