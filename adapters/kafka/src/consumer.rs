@@ -324,15 +324,11 @@ impl ConsumerContext for Rebalancer {
         }
         let positions = shared.state.lock().unwrap().revoke(Some(&revoked));
         tracing::debug!(?revoked, ?positions, "partitions revoked");
-        let mut commit = TopicPartitionList::new();
-        for (topic, partition, position) in positions {
-            let _ = commit.add_partition_offset(&topic, partition, Offset::Offset(position));
-        }
-        if commit.count() > 0 {
-            if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
-                tracing::warn!(error = %e, "committing revoked partitions failed; their new owner may deliver some messages again");
-            }
-        }
+        commit_positions(
+            consumer,
+            positions,
+            "committing revoked partitions failed; their new owner may deliver some messages again",
+        );
         shared.settled.notify_one();
     }
 }
@@ -474,15 +470,7 @@ impl Consumer for KafkaConsumer {
         // which blocks until the group has let go of its partitions).
         let positions = self.shared.state.lock().unwrap().revoke(None);
         tokio::task::spawn_blocking(move || {
-            let mut commit = TopicPartitionList::new();
-            for (topic, partition, position) in positions {
-                let _ = commit.add_partition_offset(&topic, partition, Offset::Offset(position));
-            }
-            if commit.count() > 0 {
-                if let Err(e) = stream.commit(&commit, CommitMode::Sync) {
-                    tracing::warn!(error = %e, "committing on close failed; some messages will be delivered again");
-                }
-            }
+            commit_positions(&*stream, positions, "committing on close failed; some messages will be delivered again");
             stream.unsubscribe();
             drop(stream);
         })
@@ -567,5 +555,23 @@ impl Acknowledger for KafkaAcker {
 
     async fn extend_lease(&self, _by: Duration) -> Result<()> {
         Err(self.shared.broker.capabilities.unsupported(Feature::LeaseExtension))
+    }
+}
+
+/// Commits settled positions synchronously (on revoke and on close), warning with
+/// `failure` when the commit fails.
+fn commit_positions<C: ConsumerContext, K: rdkafka::consumer::Consumer<C>>(
+    consumer: &K,
+    positions: Vec<(Arc<str>, i32, i64)>,
+    failure: &str,
+) {
+    let mut commit = TopicPartitionList::new();
+    for (topic, partition, position) in positions {
+        let _ = commit.add_partition_offset(&topic, partition, Offset::Offset(position));
+    }
+    if commit.count() > 0 {
+        if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
+            tracing::warn!(error = %e, "{failure}");
+        }
     }
 }
