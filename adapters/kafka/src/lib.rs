@@ -12,7 +12,7 @@
 //! |---|---|
 //! | queue `q` | topic `q`, consumed by the group `q` (consumers compete for partitions) |
 //! | topic `t`, subscription `s` | topic `t`, consumed by the group `t.s`; a subscription starts where the topic ended when it was declared |
-//! | send, batch send | an idempotent producer, `acks=all`; send returns after the delivery report; a batch is pipelined |
+//! | send, batch send | an idempotent producer, `acks=all`; send returns after the delivery report, or a retryable `Broker` error when none came within 30 s (`?message.timeout.ms=N` changes it); a batch is pipelined |
 //! | ordering key | the record key: one partition per key; one message per key in flight at a time |
 //! | no ordering key | a partition picked at random per message (`sticky.partitioning.linger.ms=0`), so the consumers of a queue share even a short burst |
 //! | headers, id, content type | record headers (`courier-id`, `content-type`); CloudEvents `ce_` headers are read too (`ce_id` is the id when `courier-id` is absent) |
@@ -48,6 +48,17 @@
 //! (10 s) for the messages it handed out from them to be settled, commits, and lets them
 //! go, so a rebalance redelivers as little as possible. Settling a message after its
 //! partition was taken away fails with `LeaseLost`; its new owner delivers it again.
+//!
+//! Broker loss: clients reconnect by themselves. While no broker answers, receives hand out
+//! what was read ahead and then wait; a send fails with a retryable error once its record
+//! has waited `message.timeout.ms` (30 s) for a delivery report, or succeeds when the broker
+//! returns first. The workspace's fault test restarts a broker mid-test and checks this.
+//!
+//! Known issue: librdkafka 2.12.1, which rdkafka 0.39 bundles, can crash the process
+//! (SIGSEGV in its metadata cache) when a topic a client has used is deleted and created
+//! again, so that its name comes back with a new topic id; a broker that loses its topics on
+//! restart (Tansu with memory storage) does this to every topic. Close the clients that
+//! used a topic before deleting and creating it again.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), courier_core::Error> {
@@ -164,6 +175,11 @@ impl KafkaBroker {
             // librdkafka's default sends a burst of keyless records to one partition, which
             // only one consumer of the group reads: spread them, so competing consumers share it.
             .set("sticky.partitioning.linger.ms", "0")
+            // librdkafka's default keeps retrying a record for 5 minutes before its delivery
+            // report fails; a send then waits that long while the broker is away. 30 s is
+            // long enough for a broker restart and short enough to hand the caller a
+            // retryable error to act on.
+            .set("message.timeout.ms", "30000")
             .set("message.max.bytes", "1048576");
         for (key, value) in &config.client {
             producer_config.set(key, value); // settings in the URL win
