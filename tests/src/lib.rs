@@ -187,6 +187,14 @@ pub async fn kafka_url() -> String {
     .clone()
 }
 
+/// A Kafka broker that keeps its data across a restart, for the broker-restart fault test:
+/// `$COURIER_TEST_KAFKA_DURABLE`, else the Tansu that `scripts/brokers up` starts at
+/// 127.0.0.1:9093 with its log in moto's S3. (Records go one per batch, as for
+/// [`kafka_url`]'s Tansu.)
+pub fn kafka_durable_url() -> String {
+    endpoint("COURIER_TEST_KAFKA_DURABLE", "kafka://127.0.0.1:9093?batch.num.messages=1")
+}
+
 /// The Kafka backend: each case opens its own clients.
 #[derive(Debug, Default, Clone)]
 pub struct KafkaHarness;
