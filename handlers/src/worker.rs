@@ -14,7 +14,7 @@ use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tracing::{field, Instrument};
+use tracing::{field, Instrument, Span};
 
 use crate::handler::{handler_service, outcome_of_box_error, BatchHandler, BoxFuture, Handler, Incoming, Outcome};
 use crate::retry::RetryPolicy;
@@ -436,7 +436,37 @@ impl FetchLoop {
                     self.route.counters.interrupted.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                self.handle(delivery, batch.as_slice()).await;
+                let span = message_span(&self.route, &delivery);
+                match &self.work {
+                    // Untraced plain handlers, the common case, run right here: passing the
+                    // delivery into a nested async fn copies it (and the message, twice more)
+                    // between future states, which cost a third of the worker's overhead.
+                    Work::Handler(handler) if span.is_disabled() => {
+                        let route = &*self.route;
+                        route.metrics.received.increment(1);
+                        route.metrics.in_flight.increment(1.0);
+                        let attempt = delivery.attempt();
+                        let (message, receipt) = delivery.into_parts();
+                        let incoming = Incoming {
+                            message,
+                            attempt,
+                            source: route.source.clone(),
+                            broker: Some(route.broker.clone()),
+                        };
+                        let mut fut = AssertUnwindSafe(handler(incoming)).catch_unwind();
+                        // Most handlers finish on the first poll: no timers, no boxing for them.
+                        let outcome = match futures::poll!(&mut fut) {
+                            Poll::Ready(result) => Some(outcome_or_panic(result)),
+                            Poll::Pending => {
+                                let fut = fut.map(outcome_or_panic);
+                                Box::pin(supervise(route, &self.hard_stop, fut, &receipt, batch.as_slice())).await
+                            }
+                        };
+                        route.metrics.in_flight.decrement(1.0);
+                        conclude(route, receipt, outcome, span).await;
+                    }
+                    _ => self.handle(delivery, span, batch.as_slice()).await,
+                }
                 let now = Instant::now();
                 self.route.metrics.processing.record((now - mark).as_secs_f64());
                 mark = now;
@@ -486,24 +516,10 @@ impl FetchLoop {
         }
     }
 
-    async fn handle(&mut self, delivery: Delivery, waiting: &[Delivery]) {
+    /// Handles one delivery through the general path: traced, or a tower service.
+    async fn handle(&mut self, delivery: Delivery, span: Span, waiting: &[Delivery]) {
         let route = self.route.clone();
         let attempt = delivery.attempt();
-        let span = tracing::info_span!(
-            "courier.handle",
-            message.id = %delivery.id,
-            source = %route.source,
-            attempt,
-            trace_id = field::Empty,
-            outcome = field::Empty,
-        );
-        if !span.is_disabled() {
-            if let Some(trace) =
-                delivery.header(courier_core::headers::TRACEPARENT).and_then(|t| t.parse::<TraceParent>().ok())
-            {
-                span.record("trace_id", field::display(format_args!("{:032x}", trace.trace_id)));
-            }
-        }
         route.metrics.received.increment(1);
         route.metrics.in_flight.increment(1.0);
         // The message moves into the handler; the receipt stays here to settle it.
@@ -518,27 +534,7 @@ impl FetchLoop {
             Box::pin(self.run_handler(incoming, &receipt, waiting).instrument(span.clone())).await
         };
         route.metrics.in_flight.decrement(1.0);
-        let Some(outcome) = outcome else {
-            span.record("outcome", "interrupted");
-            route.counters.interrupted.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        span.record("outcome", outcome.kind());
-        if outcome == Outcome::Ack {
-            route.counters.acked.fetch_add(1, Ordering::Relaxed);
-            route.metrics.succeeded.increment(1);
-            match receipt.ack().await {
-                Ok(()) => return,
-                // A span is never entered across an await: `instrument` it instead.
-                Err(e) if e.is_retryable() => {
-                    let result = Box::pin(with_settle_retries(|| receipt.ack()).instrument(span)).await;
-                    report_settle_failure(result, &outcome);
-                }
-                Err(e) => span.in_scope(|| report_settle_failure(Err(e), &outcome)),
-            }
-            return;
-        }
-        Box::pin(settle(&route, receipt, outcome).instrument(span)).await;
+        conclude(&route, receipt, outcome, span).await;
     }
 
     async fn run_handler(&mut self, incoming: Incoming, receipt: &Receipt, waiting: &[Delivery]) -> Option<Outcome> {
@@ -558,6 +554,51 @@ impl FetchLoop {
             Work::Batch(_) => unreachable!("batch routes use handle_batch"),
         }
     }
+}
+
+/// The span of one message's handling; disabled (and free) when no subscriber wants it.
+fn message_span(route: &RouteRuntime, delivery: &Delivery) -> Span {
+    let span = tracing::info_span!(
+        "courier.handle",
+        message.id = %delivery.id,
+        source = %route.source,
+        attempt = delivery.attempt(),
+        trace_id = field::Empty,
+        outcome = field::Empty,
+    );
+    if !span.is_disabled() {
+        if let Some(trace) =
+            delivery.header(courier_core::headers::TRACEPARENT).and_then(|t| t.parse::<TraceParent>().ok())
+        {
+            span.record("trace_id", field::display(format_args!("{:032x}", trace.trace_id)));
+        }
+    }
+    span
+}
+
+/// Settles a handled message from its outcome (`None`: shutdown interrupted it).
+async fn conclude(route: &RouteRuntime, receipt: Receipt, outcome: Option<Outcome>, span: Span) {
+    let Some(outcome) = outcome else {
+        span.record("outcome", "interrupted");
+        route.counters.interrupted.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    span.record("outcome", outcome.kind());
+    if outcome == Outcome::Ack {
+        route.counters.acked.fetch_add(1, Ordering::Relaxed);
+        route.metrics.succeeded.increment(1);
+        match receipt.ack().await {
+            Ok(()) => {}
+            // A span is never entered across an await: `instrument` it instead.
+            Err(e) if e.is_retryable() => {
+                let result = Box::pin(with_settle_retries(|| receipt.ack()).instrument(span)).await;
+                report_settle_failure(result, &outcome);
+            }
+            Err(e) => span.in_scope(|| report_settle_failure(Err(e), &outcome)),
+        }
+        return;
+    }
+    Box::pin(settle(route, receipt, outcome).instrument(span)).await;
 }
 
 /// Drives a handler future, extending the leases of its deliveries while it runs long;
