@@ -77,6 +77,13 @@ async fn clients_recover_by_themselves_after_the_broker_restarts() {
     broker.send_batch(&source.destination(), numbered("before", BEFORE)).await.expect("send before the outage");
 
     shell(&endpoint("COURIER_TEST_KAFKA_DURABLE_STOP", &format!("{brokers_script} stop kafka-durable"))).await;
+    // Else the rest would pass without an outage to recover from.
+    let authority = url.trim_start_matches("kafka://").split(['?', '/', ',']).next().unwrap_or_default();
+    let address = authority.rsplit('@').next().unwrap_or_default().to_owned();
+    assert!(
+        tokio::net::TcpStream::connect(&address).await.is_err(),
+        "{address} still accepts connections after the stop command"
+    );
     println!("broker stopped");
     let outage = Instant::now();
     // While it is down: a receive waits quietly, a send fails as retryable or waits it out.
