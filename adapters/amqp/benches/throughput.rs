@@ -21,11 +21,11 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
-const BATCH: usize = 100;
+#[path = "../../bench_support.rs"]
+mod bench_support;
+use bench_support::{env, median, rate, uuid_like};
 
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
+const BATCH: usize = 100;
 
 struct Round {
     publish: Duration,
@@ -90,11 +90,6 @@ async fn raw(url: &str, n: usize) -> Round {
     Round { publish, consume }
 }
 
-/// A 22-character id like Courier's generated ones, so both sides carry the same bytes.
-fn uuid_like(i: usize) -> String {
-    format!("{i:0>22}")
-}
-
 async fn courier(url: &str, n: usize) -> Round {
     let broker = AmqpBroker::connect(url).await.unwrap();
     let source = Source::queue(&unique_name("bench-courier")).unwrap();
@@ -127,15 +122,6 @@ async fn courier(url: &str, n: usize) -> Round {
     broker.purge(&source).await.unwrap();
     broker.close().await.unwrap();
     Round { publish, consume }
-}
-
-fn rate(n: usize, d: Duration) -> f64 {
-    n as f64 / d.as_secs_f64()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

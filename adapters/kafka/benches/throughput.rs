@@ -24,11 +24,11 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Message as _};
 
-const BATCH: usize = 1000;
+#[path = "../../bench_support.rs"]
+mod bench_support;
+use bench_support::{env, median, rate, uuid_like};
 
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
+const BATCH: usize = 1000;
 
 struct Round {
     produce: Duration,
@@ -123,11 +123,6 @@ async fn raw(brokers: &str, n: usize) -> Round {
     Round { produce, consume }
 }
 
-/// A 22-character id like Courier's generated ones, so both sides carry the same bytes.
-fn uuid_like(i: usize) -> String {
-    format!("{i:0>22}")
-}
-
 async fn courier(url: &str, n: usize) -> Round {
     let broker = KafkaBroker::connect(&format!("{url}?partitions=4")).await.unwrap();
     let source = Source::queue(&unique_name("bench-courier")).unwrap();
@@ -160,15 +155,6 @@ async fn courier(url: &str, n: usize) -> Round {
     consumer.close().await.unwrap();
     broker.close().await.unwrap();
     Round { produce, consume }
-}
-
-fn rate(n: usize, d: Duration) -> f64 {
-    n as f64 / d.as_secs_f64()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

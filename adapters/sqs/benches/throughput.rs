@@ -16,9 +16,9 @@ use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, SendMessageBatchRequest
 use courier_core::{conformance::unique_name, Broker, ConsumerOptions, Message, Source};
 use courier_sqs::SqsBroker;
 
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
+#[path = "../../bench_support.rs"]
+mod bench_support;
+use bench_support::{env, median, rate};
 
 struct Round {
     elapsed: Duration,
@@ -150,13 +150,9 @@ async fn main() {
         raws.push(raw(&client, n).await);
         couriers.push(courier(&broker, n).await);
     }
-    let rate = |r: &Round| n as f64 / r.elapsed.as_secs_f64();
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        v[v.len() / 2]
-    };
+    let rate_of = |r: &Round| rate(n, r.elapsed);
     let (raw_rate, courier_rate) =
-        (median(raws.iter().map(rate).collect()), median(couriers.iter().map(rate).collect()));
+        (median(raws.iter().map(rate_of).collect()), median(couriers.iter().map(rate_of).collect()));
     let per = |rs: &[Round]| median(rs.iter().map(|r| r.requests as f64 / n as f64).collect());
     println!("| | raw aws-sdk-sqs | Courier | Courier / raw |");
     println!("|---|---:|---:|---:|");
