@@ -438,10 +438,10 @@ impl FetchLoop {
                 }
                 let span = message_span(&self.route, &delivery);
                 match &self.work {
-                    // Untraced plain handlers, the common case, run right here: passing the
-                    // delivery into a nested async fn copies it (and the message, twice more)
-                    // between future states, which cost a third of the worker's overhead.
-                    Work::Handler(handler) if span.is_disabled() => {
+                    // Plain handlers run right here: passing the delivery into a nested async
+                    // fn copies it (and the message, twice more) between future states, which
+                    // cost a third of the worker's overhead.
+                    Work::Handler(handler) => {
                         let route = &*self.route;
                         route.metrics.received.increment(1);
                         route.metrics.in_flight.increment(1.0);
@@ -453,21 +453,24 @@ impl FetchLoop {
                             source: route.source.clone(),
                             broker: Some(route.broker.clone()),
                         };
-                        let mut fut = AssertUnwindSafe(handler(incoming)).catch_unwind();
+                        let fut = handler(incoming);
+                        // Traced, the handler runs in its span: one more box, only then.
+                        let fut = if span.is_disabled() { fut } else { Box::pin(fut.instrument(span.clone())) };
+                        let mut fut = AssertUnwindSafe(fut).catch_unwind();
                         // Most handlers finish on the first poll: no timers, no boxing for them.
                         let outcome = match futures::poll!(&mut fut) {
                             Poll::Ready(result) => Some(outcome_or_panic(result)),
                             Poll::Pending => {
                                 let fut = fut.map(outcome_or_panic);
-                                Box::pin(supervise(route, &self.hard_stop, fut, &receipt, batch.as_slice())).await
+                                let supervised = supervise(route, &self.hard_stop, fut, &receipt, batch.as_slice());
+                                Box::pin(supervised.instrument(span.clone())).await
                             }
                         };
                         route.metrics.in_flight.decrement(1.0);
                         if outcome == Some(Outcome::Ack) {
                             // Acked right here too: moving the receipt into `conclude`'s
                             // state costs more than the ack itself on a fast backend.
-                            route.counters.acked.fetch_add(1, Ordering::Relaxed);
-                            route.metrics.succeeded.increment(1);
+                            count_ack(route, &span);
                             if let Err(e) = receipt.ack().await {
                                 ack_failed(&receipt, e, span).await;
                             }
@@ -475,7 +478,8 @@ impl FetchLoop {
                             conclude(route, receipt, outcome, span).await;
                         }
                     }
-                    _ => self.handle(delivery, span, batch.as_slice()).await,
+                    Work::Each(_) => self.handle_with_service(delivery, span, batch.as_slice()).await,
+                    Work::Batch(_) => unreachable!("batch routes use handle_batch"),
                 }
                 let now = Instant::now();
                 self.route.metrics.processing.record((now - mark).as_secs_f64());
@@ -526,43 +530,21 @@ impl FetchLoop {
         }
     }
 
-    /// Handles one delivery through the general path: traced, or a tower service.
-    async fn handle(&mut self, delivery: Delivery, span: Span, waiting: &[Delivery]) {
-        let route = self.route.clone();
+    /// Handles one delivery through the route's tower service.
+    async fn handle_with_service(&mut self, delivery: Delivery, span: Span, waiting: &[Delivery]) {
+        let FetchLoop { route, hard_stop, work, .. } = self;
+        let Work::Each(service) = work else { unreachable!("only service routes come here") };
+        let route = route.clone();
         let attempt = delivery.attempt();
         route.metrics.received.increment(1);
         route.metrics.in_flight.increment(1.0);
-        // The message moves into the handler; the receipt stays here to settle it.
+        // The message moves into the service; the receipt stays here to settle it.
         let (message, receipt) = delivery.into_parts();
         let incoming = Incoming { message, attempt, source: route.source.clone(), broker: Some(route.broker.clone()) };
-
-        let outcome = if span.is_disabled() {
-            self.run_handler(incoming, &receipt, waiting).await
-        } else {
-            // Boxed: the instrumented path is the rarer one, and keeping it out of this
-            // future keeps the per-message state small to move.
-            Box::pin(self.run_handler(incoming, &receipt, waiting).instrument(span.clone())).await
-        };
+        let supervised = supervise(&route, hard_stop, dispatch(service, incoming), &receipt, waiting);
+        let outcome = Box::pin(supervised.instrument(span.clone())).await;
         route.metrics.in_flight.decrement(1.0);
         conclude(&route, receipt, outcome, span).await;
-    }
-
-    async fn run_handler(&mut self, incoming: Incoming, receipt: &Receipt, waiting: &[Delivery]) -> Option<Outcome> {
-        let FetchLoop { route, hard_stop, work, .. } = self;
-        match work {
-            Work::Handler(handler) => {
-                let mut fut = AssertUnwindSafe(handler(incoming)).catch_unwind();
-                // Most handlers finish on the first poll: no timers, no boxing for them.
-                if let Poll::Ready(result) = futures::poll!(&mut fut) {
-                    return Some(outcome_or_panic(result));
-                }
-                Box::pin(supervise(route, hard_stop, fut.map(outcome_or_panic), receipt, waiting)).await
-            }
-            Work::Each(service) => {
-                Box::pin(supervise(route, hard_stop, dispatch(service, incoming), receipt, waiting)).await
-            }
-            Work::Batch(_) => unreachable!("batch routes use handle_batch"),
-        }
     }
 }
 
@@ -593,16 +575,22 @@ async fn conclude(route: &RouteRuntime, receipt: Receipt, outcome: Option<Outcom
         route.counters.interrupted.fetch_add(1, Ordering::Relaxed);
         return;
     };
-    span.record("outcome", outcome.kind());
     if outcome == Outcome::Ack {
-        route.counters.acked.fetch_add(1, Ordering::Relaxed);
-        route.metrics.succeeded.increment(1);
+        count_ack(route, &span);
         if let Err(e) = receipt.ack().await {
             ack_failed(&receipt, e, span).await;
         }
         return;
     }
+    span.record("outcome", outcome.kind());
     Box::pin(settle(route, receipt, outcome).instrument(span)).await;
+}
+
+/// Counts a message its handler succeeded with, before its ack.
+fn count_ack(route: &RouteRuntime, span: &Span) {
+    span.record("outcome", Outcome::Ack.kind());
+    route.counters.acked.fetch_add(1, Ordering::Relaxed);
+    route.metrics.succeeded.increment(1);
 }
 
 /// After a failed ack: tries again while the failure is retryable, then reports it.
