@@ -32,6 +32,13 @@ pub fn endpoint(variable: &str, default: &str) -> String {
     std::env::var(variable).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_owned())
 }
 
+/// Runs `command` with `sh -c`, failing the test when it fails (fault tests stop and start
+/// brokers this way).
+pub async fn shell(command: &str) {
+    let status = tokio::process::Command::new("sh").arg("-c").arg(command).status().await.expect("run sh");
+    assert!(status.success(), "`{command}` failed: {status}");
+}
+
 /// Whether a Docker engine is there to start brokers in.
 pub fn docker_available() -> bool {
     std::env::var_os("DOCKER_HOST").is_some() || std::path::Path::new("/var/run/docker.sock").exists()

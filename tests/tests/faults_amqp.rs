@@ -13,15 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use courier::{App, Context, Message, RouteOptions, Source};
-use courier_contract_tests::{amqp_url, endpoint};
+use courier_contract_tests::{amqp_url, endpoint, shell};
 use courier_core::conformance::unique_name;
 
 const N: usize = 10_000;
-
-async fn shell(command: &str) {
-    let status = tokio::process::Command::new("sh").arg("-c").arg(command).status().await.expect("run sh");
-    assert!(status.success(), "`{command}` failed: {status}");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_mid_stream_loses_nothing() {

@@ -19,7 +19,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use courier_contract_tests::{endpoint, kafka_durable_url};
+use courier_contract_tests::{endpoint, kafka_durable_url, shell};
 use courier_core::conformance::unique_name;
 use courier_core::{Broker, Destination, Message, Source};
 use courier_kafka::KafkaBroker;
@@ -28,11 +28,6 @@ use courier_kafka::KafkaBroker;
 const BEFORE: usize = 100;
 /// Sent once the broker is back.
 const AFTER: usize = 200;
-
-async fn shell(command: &str) {
-    let status = tokio::process::Command::new("sh").arg("-c").arg(command).status().await.expect("run sh");
-    assert!(status.success(), "`{command}` failed: {status}");
-}
 
 fn numbered(prefix: &str, n: usize) -> Vec<Message> {
     (0..n).map(|i| Message::new(format!("{prefix} {i}")).with_id(format!("{prefix}-{i}"))).collect()
