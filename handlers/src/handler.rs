@@ -249,9 +249,63 @@ pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>
 
 /// An async function usable as a handler: it takes up to four arguments, the last
 /// [`FromIncoming`] and the others [`FromIncomingRef`], and returns something [`IntoOutcome`].
+///
+/// The call's future is a named type, not a box, so a runtime that knows the handler's
+/// type polls it with no allocation per message.
 pub trait Handler<Args>: Clone + Send + Sync + 'static {
+    /// The future of one call: the message's outcome.
+    type Future: Future<Output = Outcome> + Send + 'static;
+
     /// Runs the handler on one message.
-    fn handle(&self, incoming: Incoming) -> BoxFuture<Outcome>;
+    fn handle(&self, incoming: Incoming) -> Self::Future;
+}
+
+pin_project_lite::pin_project! {
+    /// The future of a handler function's call (see [`Handler`]): the function's own
+    /// future with its result turned into an [`Outcome`], or the outcome of an argument
+    /// that could not be extracted.
+    pub struct HandlerFuture<Fut> {
+        #[pin]
+        state: CallState<Fut>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = CallStateProj]
+    enum CallState<Fut> {
+        // An argument failed to extract; the function was not called.
+        Extraction { outcome: Option<Outcome> },
+        // The function is running.
+        Running { #[pin] fut: Fut },
+    }
+}
+
+impl<Fut> HandlerFuture<Fut> {
+    fn running(fut: Fut) -> Self {
+        HandlerFuture { state: CallState::Running { fut } }
+    }
+
+    fn failed(error: &Error) -> Self {
+        HandlerFuture { state: CallState::Extraction { outcome: Some(Outcome::from_error(error)) } }
+    }
+}
+
+impl<Fut> Future for HandlerFuture<Fut>
+where
+    Fut: Future,
+    Fut::Output: IntoOutcome,
+{
+    type Output = Outcome;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Outcome> {
+        match self.project().state.project() {
+            CallStateProj::Extraction { outcome } => {
+                Poll::Ready(outcome.take().expect("HandlerFuture polled after it completed"))
+            }
+            CallStateProj::Running { fut } => fut.poll(cx).map(IntoOutcome::into_outcome),
+        }
+    }
 }
 
 macro_rules! impl_handler {
@@ -265,19 +319,21 @@ macro_rules! impl_handler {
             $($arg: FromIncomingRef + Send + 'static,)*
             $last: FromIncoming + Send + 'static,
         {
-            fn handle(&self, incoming: Incoming) -> BoxFuture<Outcome> {
+            type Future = HandlerFuture<Fut>;
+
+            #[inline]
+            fn handle(&self, incoming: Incoming) -> Self::Future {
                 $(
                     let $arg = match $arg::from_incoming_ref(&incoming) {
                         Ok(v) => v,
-                        Err(e) => return Box::pin(std::future::ready(Outcome::from_error(&e))),
+                        Err(e) => return HandlerFuture::failed(&e),
                     };
                 )*
                 let $last = match $last::from_incoming(incoming) {
                     Ok(v) => v,
-                    Err(e) => return Box::pin(std::future::ready(Outcome::from_error(&e))),
+                    Err(e) => return HandlerFuture::failed(&e),
                 };
-                let fut = (self)($($arg,)* $last);
-                Box::pin(async move { fut.await.into_outcome() })
+                HandlerFuture::running((self)($($arg,)* $last))
             }
         }
     };
@@ -289,9 +345,11 @@ where
     Fut: Future<Output = R> + Send + 'static,
     R: IntoOutcome,
 {
-    fn handle(&self, _incoming: Incoming) -> BoxFuture<Outcome> {
-        let fut = (self)();
-        Box::pin(async move { fut.await.into_outcome() })
+    type Future = HandlerFuture<Fut>;
+
+    #[inline]
+    fn handle(&self, _incoming: Incoming) -> Self::Future {
+        HandlerFuture::running((self)())
     }
 }
 
@@ -363,7 +421,7 @@ impl<H: Clone, Args> Clone for HandlerService<H, Args> {
 impl<H: Handler<Args>, Args> tower::Service<Incoming> for HandlerService<H, Args> {
     type Response = Outcome;
     type Error = Infallible;
-    type Future = futures::future::Map<BoxFuture<Outcome>, fn(Outcome) -> Result<Outcome, Infallible>>;
+    type Future = futures::future::Map<H::Future, fn(Outcome) -> Result<Outcome, Infallible>>;
 
     fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))

@@ -54,8 +54,8 @@ pub use courier_core::{
 };
 pub use courier_local::LocalBroker;
 pub use handler::{
-    handler_service, BatchHandler, Context, FromIncoming, FromIncomingRef, Handler, HandlerService, Incoming,
-    IntoOutcome, Json, Outcome,
+    handler_service, BatchHandler, Context, FromIncoming, FromIncomingRef, Handler, HandlerFuture, HandlerService,
+    Incoming, IntoOutcome, Json, Outcome,
 };
 pub use retry::RetryPolicy;
 pub use trace::TraceParent;

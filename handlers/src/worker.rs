@@ -1,6 +1,7 @@
 //! The worker (IaaS mode): several handlers bound to several sources in one process.
 
 use std::future::Future;
+use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use courier_core::{
     BoxError, Consumer, ConsumerOptions, Delivery, Destination, DynBroker, Error, Receipt, Result, Source,
 };
+use futures::future::Either;
 use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tower::util::BoxCloneService;
@@ -106,22 +108,39 @@ type RouteService = BoxCloneService<Incoming, Outcome, BoxError>;
 
 type BatchFn = Arc<dyn Fn(Vec<Incoming>) -> BoxFuture<Vec<Outcome>> + Send + Sync>;
 
-type HandlerFn = Arc<dyn Fn(Incoming) -> BoxFuture<Outcome> + Send + Sync>;
-
-#[derive(Clone)]
-enum Work {
-    /// One message per call of a plain handler: the fast path, no service stack.
-    Handler(HandlerFn),
-    /// One message per call of a tower service (layers, timeouts).
-    Each(RouteService),
-    /// Whole fetched batches per handler call.
-    Batch(BatchFn),
-}
+/// Runs one fetch loop of a route. The handler's type is erased here, once per loop,
+/// so the per-message path inside is compiled for it: no box or indirect call per message.
+type StartLoop = Arc<dyn Fn(FetchLoop) -> BoxFuture<()> + Send + Sync>;
 
 struct Route {
     source: Source,
     options: RouteOptions,
-    work: Work,
+    start: StartLoop,
+}
+
+/// How a fetch loop calls its route's handler on one message.
+trait CallHandler: Send + 'static {
+    /// Calls the handler; the future resolves to the message's outcome.
+    fn call(&mut self, incoming: Incoming) -> impl Future<Output = Outcome> + Send;
+}
+
+/// A handler function, called directly.
+struct PlainHandler<H, Args> {
+    handler: H,
+    _args: PhantomData<fn() -> Args>,
+}
+
+impl<H: Handler<Args>, Args: 'static> CallHandler for PlainHandler<H, Args> {
+    fn call(&mut self, incoming: Incoming) -> impl Future<Output = Outcome> + Send {
+        self.handler.handle(incoming)
+    }
+}
+
+/// A tower service (a handler wrapped in layers): waits for readiness, maps its errors.
+impl CallHandler for RouteService {
+    fn call(&mut self, incoming: Incoming) -> impl Future<Output = Outcome> + Send {
+        dispatch(self, incoming)
+    }
 }
 
 /// Counts of what a run did, returned when the worker stops.
@@ -209,8 +228,10 @@ impl App {
         if options.timeout.is_some() {
             return self.route_service(source, handler_service(handler), options);
         }
-        let work = Work::Handler(Arc::new(move |incoming| handler.handle(incoming)));
-        self.routes.push(Route { source, options, work });
+        let start: StartLoop = Arc::new(move |fetch: FetchLoop| {
+            Box::pin(fetch.run_each(PlainHandler { handler: handler.clone(), _args: PhantomData }))
+        });
+        self.routes.push(Route { source, options, start });
         self
     }
 
@@ -225,15 +246,22 @@ impl App {
             .option_layer(options.timeout.map(tower::timeout::TimeoutLayer::new))
             .service(service.map_err(Into::into));
         let service = BoxCloneService::new(service.map_err(Into::<BoxError>::into));
-        self.routes.push(Route { source, options, work: Work::Each(service) });
+        // A boxed service is Send, not Sync: each loop clones its own under a lock, once.
+        let service = std::sync::Mutex::new(service);
+        let start: StartLoop = Arc::new(move |fetch: FetchLoop| {
+            let service = service.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+            Box::pin(fetch.run_each(service))
+        });
+        self.routes.push(Route { source, options, start });
         self
     }
 
     /// Routes `source` to a batch handler, called with each fetched batch (up to
     /// `options.batch` messages) and settling each message by its own outcome.
     pub fn route_batch<H: BatchHandler>(mut self, source: Source, handler: H, options: RouteOptions) -> Self {
-        let work = Work::Batch(Arc::new(move |batch| handler.handle(batch)));
-        self.routes.push(Route { source, options, work });
+        let handler: BatchFn = Arc::new(move |batch| handler.handle(batch));
+        let start: StartLoop = Arc::new(move |fetch: FetchLoop| Box::pin(fetch.run_batches(handler.clone())));
+        self.routes.push(Route { source, options, start });
         self
     }
 
@@ -274,12 +302,11 @@ impl App {
                 let loop_ = FetchLoop {
                     route: shared.clone(),
                     consumer: consumer.clone(),
-                    work: route.work.clone(),
                     stop: stop.clone(),
                     stopping: stopping.clone(),
                     hard_stop: hard_stop.clone(),
                 };
-                tasks.spawn(loop_.run());
+                tasks.spawn((route.start)(loop_));
             }
         }
         tokio::select! {
@@ -386,49 +413,48 @@ impl RouteRuntime {
 struct FetchLoop {
     route: Arc<RouteRuntime>,
     consumer: Arc<dyn Consumer>,
-    work: Work,
     stop: CancellationToken,
     stopping: Arc<AtomicBool>,
     hard_stop: CancellationToken,
 }
 
 impl FetchLoop {
-    async fn run(mut self) {
-        let mut failures = 0u32;
+    /// Fetches until shutdown; `None` once the loop should end.
+    async fn next_batch(&mut self, failures: &mut u32) -> Option<Vec<Delivery>> {
         while !self.stopping.load(Ordering::Acquire) {
             let received = tokio::select! {
                 biased;
-                _ = self.stop.cancelled() => break,
+                _ = self.stop.cancelled() => return None,
                 r = self.consumer.receive(self.route.options.batch, Duration::from_secs(1)) => r,
             };
-            let batch = match received {
+            match received {
                 Ok(batch) => {
-                    failures = 0;
-                    batch
+                    *failures = 0;
+                    return Some(batch);
                 }
-                Err(Error::Closed { .. }) => break,
+                Err(Error::Closed { .. }) => return None,
                 Err(e) => {
                     // The adapter already retried transient faults; back off before asking again.
-                    failures += 1;
-                    let pause = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
+                    *failures += 1;
+                    let pause = Duration::from_millis(100 * 2u64.pow((*failures).min(6)));
                     tracing::warn!(source = %self.route.source, error = %e, ?pause, "receive failed");
                     tokio::select! {
-                        _ = self.stop.cancelled() => break,
-                        _ = tokio::time::sleep(pause) => continue,
+                        _ = self.stop.cancelled() => return None,
+                        _ = tokio::time::sleep(pause) => {}
                     }
                 }
-            };
+            }
+        }
+        None
+    }
+
+    /// Handles and settles fetched messages one at a time, each through `handler`.
+    async fn run_each(mut self, mut handler: impl CallHandler) {
+        let mut failures = 0;
+        while let Some(batch) = self.next_batch(&mut failures).await {
             // Messages of a loop are handled one after another, so one clock reading
             // after each settlement ends one message's processing time and starts the next.
             let mut mark = Instant::now();
-            if let Work::Batch(handler) = &self.work {
-                let handler = handler.clone();
-                let size = batch.len();
-                self.handle_batch(&handler, batch).await;
-                let per_message = mark.elapsed().as_secs_f64() / size as f64;
-                (0..size).for_each(|_| self.route.metrics.processing.record(per_message));
-                continue;
-            }
             let mut batch = batch.into_iter();
             while let Some(delivery) = batch.next() {
                 if self.stopping.load(Ordering::Acquire) {
@@ -436,55 +462,59 @@ impl FetchLoop {
                     self.route.counters.interrupted.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
+                // Everything below runs right here, not in a nested async fn: passing the
+                // delivery into one copies it (and the message, twice more) between future
+                // states, which cost a third of the worker's overhead.
                 let span = message_span(&self.route, &delivery);
-                match &self.work {
-                    // Plain handlers run right here: passing the delivery into a nested async
-                    // fn copies it (and the message, twice more) between future states, which
-                    // cost a third of the worker's overhead.
-                    Work::Handler(handler) => {
-                        let route = &*self.route;
-                        route.metrics.received.increment(1);
-                        route.metrics.in_flight.increment(1.0);
-                        let attempt = delivery.attempt();
-                        let (message, receipt) = delivery.into_parts();
-                        let incoming = Incoming {
-                            message,
-                            attempt,
-                            source: route.source.clone(),
-                            broker: Some(route.broker.clone()),
-                        };
-                        let fut = handler(incoming);
-                        // Traced, the handler runs in its span: one more box, only then.
-                        let fut = if span.is_disabled() { fut } else { Box::pin(fut.instrument(span.clone())) };
-                        let mut fut = AssertUnwindSafe(fut).catch_unwind();
-                        // Most handlers finish on the first poll: no timers, no boxing for them.
-                        let outcome = match futures::poll!(&mut fut) {
-                            Poll::Ready(result) => Some(outcome_or_panic(result)),
-                            Poll::Pending => {
-                                let fut = fut.map(outcome_or_panic);
-                                let supervised = supervise(route, &self.hard_stop, fut, &receipt, batch.as_slice());
-                                Box::pin(supervised.instrument(span.clone())).await
-                            }
-                        };
-                        route.metrics.in_flight.decrement(1.0);
-                        if outcome == Some(Outcome::Ack) {
-                            // Acked right here too: moving the receipt into `conclude`'s
-                            // state costs more than the ack itself on a fast backend.
-                            count_ack(route, &span);
-                            if let Err(e) = receipt.ack().await {
-                                ack_failed(&receipt, e, span).await;
-                            }
-                        } else {
-                            conclude(route, receipt, outcome, span).await;
-                        }
+                let route = &*self.route;
+                route.metrics.received.increment(1);
+                route.metrics.in_flight.increment(1.0);
+                let attempt = delivery.attempt();
+                // The message moves into the handler; the receipt stays here to settle it.
+                let (message, receipt) = delivery.into_parts();
+                let incoming =
+                    Incoming { message, attempt, source: route.source.clone(), broker: Some(route.broker.clone()) };
+                let fut = handler.call(incoming);
+                // Traced, the handler runs in its span.
+                let fut =
+                    if span.is_disabled() { Either::Left(fut) } else { Either::Right(fut.instrument(span.clone())) };
+                let mut fut = std::pin::pin!(AssertUnwindSafe(fut).catch_unwind());
+                // Most handlers finish on the first poll: no timers, no boxing for them.
+                let outcome = match futures::poll!(fut.as_mut()) {
+                    Poll::Ready(result) => Some(outcome_or_panic(result)),
+                    Poll::Pending => {
+                        let fut = fut.map(outcome_or_panic);
+                        let supervised = supervise(route, &self.hard_stop, fut, &receipt, batch.as_slice());
+                        Box::pin(supervised.instrument(span.clone())).await
                     }
-                    Work::Each(_) => self.handle_with_service(delivery, span, batch.as_slice()).await,
-                    Work::Batch(_) => unreachable!("batch routes use handle_batch"),
+                };
+                route.metrics.in_flight.decrement(1.0);
+                if outcome == Some(Outcome::Ack) {
+                    // Acked right here too: moving the receipt into `conclude`'s
+                    // state costs more than the ack itself on a fast backend.
+                    count_ack(route, &span);
+                    if let Err(e) = receipt.ack().await {
+                        ack_failed(&receipt, e, span).await;
+                    }
+                } else {
+                    conclude(route, receipt, outcome, span).await;
                 }
                 let now = Instant::now();
                 self.route.metrics.processing.record((now - mark).as_secs_f64());
                 mark = now;
             }
+        }
+    }
+
+    /// Hands each fetched batch whole to a batch handler.
+    async fn run_batches(mut self, handler: BatchFn) {
+        let mut failures = 0;
+        while let Some(batch) = self.next_batch(&mut failures).await {
+            let started = Instant::now();
+            let size = batch.len();
+            self.handle_batch(&handler, batch).await;
+            let per_message = started.elapsed().as_secs_f64() / size as f64;
+            (0..size).for_each(|_| self.route.metrics.processing.record(per_message));
         }
     }
 
@@ -528,23 +558,6 @@ impl FetchLoop {
         for (delivery, outcome) in batch.into_iter().zip(outcomes) {
             settle(&route, delivery.into_parts().1, outcome).instrument(span.clone()).await;
         }
-    }
-
-    /// Handles one delivery through the route's tower service.
-    async fn handle_with_service(&mut self, delivery: Delivery, span: Span, waiting: &[Delivery]) {
-        let FetchLoop { route, hard_stop, work, .. } = self;
-        let Work::Each(service) = work else { unreachable!("only service routes come here") };
-        let route = route.clone();
-        let attempt = delivery.attempt();
-        route.metrics.received.increment(1);
-        route.metrics.in_flight.increment(1.0);
-        // The message moves into the service; the receipt stays here to settle it.
-        let (message, receipt) = delivery.into_parts();
-        let incoming = Incoming { message, attempt, source: route.source.clone(), broker: Some(route.broker.clone()) };
-        let supervised = supervise(&route, hard_stop, dispatch(service, incoming), &receipt, waiting);
-        let outcome = Box::pin(supervised.instrument(span.clone())).await;
-        route.metrics.in_flight.decrement(1.0);
-        conclude(&route, receipt, outcome, span).await;
     }
 }
 

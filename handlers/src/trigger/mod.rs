@@ -81,7 +81,7 @@ impl std::fmt::Debug for Trigger {
 impl Trigger {
     /// A trigger running `handler`, the same function a worker route takes.
     pub fn new<H: Handler<Args>, Args: 'static>(handler: H) -> Self {
-        let handler: HandlerFn = Arc::new(move |incoming| handler.handle(incoming));
+        let handler: HandlerFn = Arc::new(move |incoming| Box::pin(handler.handle(incoming)));
         Trigger { handler, concurrency: 10, dead_letter: None }
     }
 
