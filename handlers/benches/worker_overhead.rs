@@ -1,7 +1,8 @@
 //! Runtime overhead: messages per second drained by the worker with a no-op handler,
 //! against the raw local-backend receive/ack loop, from the same pre-filled queue.
 //!
-//! `cargo bench -p courier --bench worker_overhead` (`BENCH_MESSAGES`, default 400,000).
+//! `cargo bench -p courier --bench worker_overhead` (`BENCH_MESSAGES`, default 400,000;
+//! `BENCH_SHAPES`, default `foundation,1x100,8x10`, picks the rows).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -145,15 +146,18 @@ fn main() {
     println!("{n} 100-byte messages per run, best of 3, 2 worker threads\n");
     println!("| scenario | raw receive/ack loop (msg/s) | worker, no-op handler (msg/s) | worker / raw |");
     println!("|---|---:|---:|---:|");
-    let raw_rate = best_of(3, || rt.block_on(with_producer(n, 100, false)));
-    let worker_rate = best_of(3, || rt.block_on(with_producer(n, 100, true)));
-    println!(
-        "| foundation shape: 1 producer (batches of 100) and 1 consumer (batch 100) | {raw_rate:.0} | {worker_rate:.0} | {:.0}% |",
-        100.0 * worker_rate / raw_rate
-    );
-    // BENCH_SHAPES=1x100,8x10 (the default) picks loop count × batch per row.
-    let shapes = std::env::var("BENCH_SHAPES").unwrap_or_else(|_| "1x100,8x10".into());
-    for shape in shapes.split(',') {
+    // BENCH_SHAPES=foundation,1x100,8x10 (the default) picks the rows: the foundation
+    // shape, then loop count × batch for each drain row.
+    let shapes = std::env::var("BENCH_SHAPES").unwrap_or_else(|_| "foundation,1x100,8x10".into());
+    if shapes.split(',').any(|s| s == "foundation") {
+        let raw_rate = best_of(3, || rt.block_on(with_producer(n, 100, false)));
+        let worker_rate = best_of(3, || rt.block_on(with_producer(n, 100, true)));
+        println!(
+            "| foundation shape: 1 producer (batches of 100) and 1 consumer (batch 100) | {raw_rate:.0} | {worker_rate:.0} | {:.0}% |",
+            100.0 * worker_rate / raw_rate
+        );
+    }
+    for shape in shapes.split(',').filter(|s| *s != "foundation") {
         let (loops, batch) = shape.split_once('x').expect("shape like 1x100");
         let (loops, batch): (usize, usize) = (loops.parse().unwrap(), batch.parse().unwrap());
         let raw_rate = best_of(3, || rt.block_on(raw(n, loops, batch)));
