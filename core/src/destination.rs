@@ -1,7 +1,6 @@
 //! Where messages go (destinations) and where consumers read from (sources).
 
 use std::fmt;
-use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
@@ -21,7 +20,9 @@ pub const MAX_NAME_LEN: usize = 200;
 /// assert!(err.to_string().contains("'/'"), "{err}");
 /// ```
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Name(Arc<str>);
+// Inline up to 23 bytes (shared beyond): every delivery carries its source's name, and
+// cloning an inline name is a copy, not an atomic reference count.
+pub struct Name(smol_str::SmolStr);
 
 impl Name {
     /// Validates `name`; `kind` ("queue", "topic", "subscription") goes into the error.
@@ -36,7 +37,7 @@ impl Name {
         if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
             return Err(invalid(format!("{c:?} is not allowed; use letters, digits, '.', '_' or '-'")));
         }
-        Ok(Name(name.into()))
+        Ok(Name(smol_str::SmolStr::new(name)))
     }
 
     /// The name as text.
