@@ -474,10 +474,14 @@ impl FetchLoop {
                 let (message, receipt) = delivery.into_parts();
                 let incoming =
                     Incoming { message, attempt, source: route.source.clone(), broker: Some(route.broker.clone()) };
-                let fut = handler.call(incoming);
-                // Traced, the handler runs in its span.
-                let fut =
-                    if span.is_disabled() { Either::Left(fut) } else { Either::Right(fut.instrument(span.clone())) };
+                // A panic in the call itself (an extractor, or a handler that panics before
+                // returning its future) fails the message as a panic in its future does.
+                let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(incoming))) {
+                    Ok(fut) if span.is_disabled() => Either::Left(Either::Left(fut)),
+                    // Traced, the handler runs in its span.
+                    Ok(fut) => Either::Left(Either::Right(fut.instrument(span.clone()))),
+                    Err(panic) => Either::Right(std::future::ready(outcome_or_panic(Err(panic)))),
+                };
                 let mut fut = std::pin::pin!(AssertUnwindSafe(fut).catch_unwind());
                 // Most handlers finish on the first poll: no timers, no boxing for them.
                 let outcome = match futures::poll!(fut.as_mut()) {
@@ -683,11 +687,11 @@ async fn catch_panics(fut: impl Future<Output = Outcome>) -> Outcome {
     outcome_or_panic(AssertUnwindSafe(fut).catch_unwind().await)
 }
 
-fn outcome_or_panic(result: std::thread::Result<Outcome>) -> Outcome {
+pub(crate) fn outcome_or_panic(result: std::thread::Result<Outcome>) -> Outcome {
     result.unwrap_or_else(|panic| Outcome::retry(format!("handler panicked: {}", panic_text(&panic))))
 }
 
-pub(crate) fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())

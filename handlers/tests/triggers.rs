@@ -102,14 +102,23 @@ async fn sqs_fifo_stops_at_the_first_failure_and_reports_the_rest() {
 async fn a_panicking_handler_fails_only_its_record() {
     let records: Vec<_> = ["ok1", "boom", "ok2"].iter().map(|id| sqs_record(id, None)).collect();
     let event = serde_json::to_vec(&json!({ "Records": records })).unwrap();
-    let trigger = Trigger::new(|ctx: Context| async move {
+    let in_the_future = Trigger::new(|ctx: Context| async move {
         if ctx.id.as_str() == "boom" {
             panic!("handler bug");
         }
     });
-    let response = trigger.sqs_json(&event).await.unwrap();
-    let failed: Vec<_> = response.batch_item_failures.iter().map(|f| f.item_identifier.as_str()).collect();
-    assert_eq!(failed, ["boom"]);
+    // A panic in the call itself, before any future exists, is confined the same way.
+    let in_the_call = Trigger::new(|ctx: Context| {
+        if ctx.id.as_str() == "boom" {
+            panic!("handler bug");
+        }
+        std::future::ready(())
+    });
+    for trigger in [in_the_future, in_the_call] {
+        let response = trigger.sqs_json(&event).await.unwrap();
+        let failed: Vec<_> = response.batch_item_failures.iter().map(|f| f.item_identifier.as_str()).collect();
+        assert_eq!(failed, ["boom"]);
+    }
 }
 
 #[tokio::test]

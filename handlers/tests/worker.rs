@@ -156,16 +156,44 @@ async fn reject_and_fatal_errors_skip_retries() {
     assert_eq!((report.retried, report.dead_lettered), (0, 2));
 }
 
-#[tokio::test]
-async fn a_panicking_handler_fails_only_its_message() {
+/// Sends "ok-1", "boom", "ok-2" through a handler (built from the success counter and its
+/// notifier) that panics on "boom"; the panic fails that message only, which retries and
+/// is dead-lettered with `reason`, while the others are acked.
+async fn a_panic_fails_only_its_message<H, Args>(handler: impl FnOnce(Arc<AtomicUsize>, Arc<Notify>) -> H, reason: &str)
+where
+    H: courier::Handler<Args>,
+    Args: 'static,
+{
     let broker = broker();
     let (source, dest) = queue("orders");
     for body in ["ok-1", "boom", "ok-2"] {
         broker.send(&dest, Message::new(body)).await.unwrap();
     }
     let (done, changed) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
-    let handler = {
-        let (done, changed) = (done.clone(), changed.clone());
+    let handler = handler(done.clone(), changed.clone());
+    let dead = tokio::spawn({
+        let (broker, source) = (broker.clone(), source.clone());
+        async move { dead_letters(&broker, &source, 1).await }
+    });
+    let reason = reason.to_owned();
+    let report = App::new(broker.clone())
+        .route_with(source, handler, fast_retries(2))
+        .run_until(async move {
+            when(done, 2, changed).await;
+            while !dead.is_finished() {
+                tokio::task::yield_now().await
+            }
+            let dead = dead.await.unwrap();
+            assert_eq!(dead[0].header(headers::DEAD_LETTER_REASON), Some(reason.as_str()));
+        })
+        .await
+        .unwrap();
+    assert_eq!((report.acked, report.retried, report.dead_lettered), (2, 1, 1));
+}
+
+#[tokio::test]
+async fn a_panicking_handler_fails_only_its_message() {
+    let handler = |done: Arc<AtomicUsize>, changed: Arc<Notify>| {
         move |m: Message| {
             let (done, changed) = (done.clone(), changed.clone());
             async move {
@@ -177,26 +205,32 @@ async fn a_panicking_handler_fails_only_its_message() {
             }
         }
     };
-    let dead = tokio::spawn({
-        let (broker, source) = (broker.clone(), source.clone());
-        async move { dead_letters(&broker, &source, 1).await }
-    });
-    let report = App::new(broker.clone())
-        .route_with(source, handler, fast_retries(2))
-        .run_until(async move {
-            when(done, 2, changed).await;
-            while !dead.is_finished() {
-                tokio::task::yield_now().await
-            }
-            let dead = dead.await.unwrap();
-            assert_eq!(
-                dead[0].header(headers::DEAD_LETTER_REASON),
-                Some("gave up after 2 attempts: handler panicked: bug in handler")
-            );
-        })
-        .await
-        .unwrap();
-    assert_eq!((report.acked, report.retried, report.dead_lettered), (2, 1, 1));
+    a_panic_fails_only_its_message(handler, "gave up after 2 attempts: handler panicked: bug in handler").await;
+}
+
+/// An extractor that panics on "boom": the panic comes from calling the handler, before
+/// any future exists.
+struct PanicsOnBoom;
+
+impl courier::FromIncomingRef for PanicsOnBoom {
+    fn from_incoming_ref(incoming: &Incoming) -> Result<Self, Error> {
+        if &incoming.message.payload[..] == b"boom" {
+            panic!("bug in extractor");
+        }
+        Ok(PanicsOnBoom)
+    }
+}
+
+#[tokio::test]
+async fn a_panic_while_calling_the_handler_fails_only_its_message() {
+    let handler = |done: Arc<AtomicUsize>, changed: Arc<Notify>| {
+        move |_: PanicsOnBoom, _: Message| {
+            done.fetch_add(1, Ordering::SeqCst);
+            changed.notify_one();
+            std::future::ready(())
+        }
+    };
+    a_panic_fails_only_its_message(handler, "gave up after 2 attempts: handler panicked: bug in extractor").await;
 }
 
 #[tokio::test(start_paused = true)]

@@ -100,10 +100,10 @@ impl Trigger {
 
     /// Runs the handler on one message; a panic becomes a retry of that message only.
     pub(crate) async fn run(&self, incoming: Incoming) -> Outcome {
-        match AssertUnwindSafe((self.handler)(incoming)).catch_unwind().await {
-            Ok(outcome) => outcome,
-            Err(panic) => Outcome::retry(format!("handler panicked: {}", crate::worker::panic_text(&panic))),
-        }
+        // Called inside the guarded future, so a panic in the call itself (an extractor,
+        // or a handler that panics before returning its future) is caught as well.
+        let call = async { (self.handler)(incoming).await };
+        crate::worker::outcome_or_panic(AssertUnwindSafe(call).catch_unwind().await)
     }
 
     /// Runs the handler and settles the way a platform can: `Ok` when the record is done
