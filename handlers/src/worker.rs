@@ -536,7 +536,8 @@ impl FetchLoop {
         let span = tracing::info_span!("courier.handle_batch", source = %route.source, size = batch.len());
         route.metrics.received.increment(batch.len() as u64);
         let incoming = batch.iter().map(|d| self.incoming(d)).collect();
-        let call = AssertUnwindSafe(handler(incoming)).catch_unwind().map(|r| match r {
+        // Called inside the guarded future, so a panic in the call itself is caught too.
+        let call = AssertUnwindSafe(async { handler(incoming).await }).catch_unwind().map(|r| match r {
             Ok(outcomes) => outcomes,
             Err(panic) => vec![Outcome::retry(format!("batch handler panicked: {}", panic_text(&panic))); batch.len()],
         });

@@ -372,6 +372,33 @@ async fn a_batch_handler_settles_each_message_on_its_own() {
 }
 
 #[tokio::test]
+async fn a_batch_handler_that_panics_retries_its_batch_and_keeps_running() {
+    let broker = broker();
+    let (source, dest) = queue("orders");
+    broker.send_batch(&dest, (0..10).map(|i| Message::new(format!("{i}"))).collect()).await.unwrap();
+    let (done, changed) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
+    let handler = {
+        let (calls, done, changed) = (Arc::new(AtomicUsize::new(0)), done.clone(), changed.clone());
+        move |batch: Vec<Incoming>| {
+            // The first call panics in the call itself, before any future exists.
+            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                panic!("bug in batch handler");
+            }
+            done.fetch_add(batch.len(), Ordering::SeqCst);
+            changed.notify_one();
+            std::future::ready(vec![Outcome::Ack; batch.len()])
+        }
+    };
+    let report = App::new(broker)
+        .route_batch(source, handler, fast_retries(3).batch(10))
+        .run_until(when(done, 10, changed))
+        .await
+        .unwrap();
+    assert_eq!((report.acked, report.dead_lettered), (10, 0));
+    assert!(report.retried > 0, "the panicking call's batch is retried: {report:?}");
+}
+
+#[tokio::test]
 async fn follow_up_messages_carry_the_trace() {
     let broker = broker();
     let (source, dest) = queue("orders");
