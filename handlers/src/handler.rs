@@ -251,7 +251,40 @@ pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>
 /// [`FromIncoming`] and the others [`FromIncomingRef`], and returns something [`IntoOutcome`].
 ///
 /// The call's future is a named type, not a box, so a runtime that knows the handler's
-/// type polls it with no allocation per message.
+/// type polls it with no allocation per message. A type of your own can be a handler too
+/// (`Args` is then any marker type you choose):
+///
+/// ```
+/// use std::future::{ready, Ready};
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use courier::{App, Broker, Handler, Incoming, LocalBroker, Message, Outcome, Source};
+///
+/// /// Dead-letters empty messages, acks the rest.
+/// #[derive(Clone)]
+/// struct RejectEmpty;
+///
+/// impl Handler<Incoming> for RejectEmpty {
+///     type Future = Ready<Outcome>;
+///
+///     fn handle(&self, incoming: Incoming) -> Self::Future {
+///         ready(if incoming.message.payload.is_empty() { Outcome::reject("empty") } else { Outcome::Ack })
+///     }
+/// }
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), courier::Error> {
+/// let broker = Arc::new(LocalBroker::new());
+/// let source = Source::queue("uploads")?;
+/// broker.send(&source.destination(), Message::new("a file")).await?;
+/// broker.send(&source.destination(), Message::new("")).await?;
+/// let report = App::new(broker)
+///     .route(source, RejectEmpty)
+///     .run_until(tokio::time::sleep(Duration::from_millis(200)))
+///     .await?;
+/// assert_eq!((report.acked, report.dead_lettered), (1, 1));
+/// # Ok(()) }
+/// ```
 pub trait Handler<Args>: Clone + Send + Sync + 'static {
     /// The future of one call: the message's outcome.
     type Future: Future<Output = Outcome> + Send + 'static;
