@@ -330,7 +330,6 @@ where
 {
     type Output = Outcome;
 
-    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Outcome> {
         match self.project().state.project() {
             CallStateProj::Extraction { outcome } => {
@@ -354,7 +353,6 @@ macro_rules! impl_handler {
         {
             type Future = HandlerFuture<Fut>;
 
-            #[inline]
             fn handle(&self, incoming: Incoming) -> Self::Future {
                 $(
                     let $arg = match $arg::from_incoming_ref(&incoming) {
@@ -380,7 +378,6 @@ where
 {
     type Future = HandlerFuture<Fut>;
 
-    #[inline]
     fn handle(&self, _incoming: Incoming) -> Self::Future {
         HandlerFuture::running((self)())
     }
