@@ -684,11 +684,11 @@ where
 }
 
 /// A panic in a handler becomes a retryable failure of that message only.
-async fn catch_panics(fut: impl Future<Output = Outcome>) -> Outcome {
+pub(crate) async fn catch_panics(fut: impl Future<Output = Outcome>) -> Outcome {
     outcome_or_panic(AssertUnwindSafe(fut).catch_unwind().await)
 }
 
-pub(crate) fn outcome_or_panic(result: std::thread::Result<Outcome>) -> Outcome {
+fn outcome_or_panic(result: std::thread::Result<Outcome>) -> Outcome {
     result.unwrap_or_else(|panic| Outcome::retry(format!("handler panicked: {}", panic_text(&panic))))
 }
 

@@ -28,11 +28,9 @@ pub mod kafka;
 pub mod rabbitmq;
 pub mod sqs;
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use courier_core::{headers, Destination, DynBroker, Error};
-use futures::FutureExt;
 
 use crate::handler::{BoxFuture, Handler, Incoming, Outcome};
 
@@ -102,8 +100,7 @@ impl Trigger {
     pub(crate) async fn run(&self, incoming: Incoming) -> Outcome {
         // Called inside the guarded future, so a panic in the call itself (an extractor,
         // or a handler that panics before returning its future) is caught as well.
-        let call = async { (self.handler)(incoming).await };
-        crate::worker::outcome_or_panic(AssertUnwindSafe(call).catch_unwind().await)
+        crate::worker::catch_panics(async { (self.handler)(incoming).await }).await
     }
 
     /// Runs the handler and settles the way a platform can: `Ok` when the record is done
