@@ -7,10 +7,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::capabilities::{Capabilities, Feature};
-use crate::delivery::Delivery;
+use crate::delivery::{Delivery, SettlePolicy};
 use crate::destination::{Destination, Source};
 use crate::error::Result;
 use crate::message::{Message, MessageId};
+use crate::retry::RetryPolicy;
 
 /// A message broker: sends to destinations and opens consumers on sources.
 ///
@@ -103,15 +104,15 @@ pub trait Consumer: Send + Sync {
 /// use courier_core::ConsumerOptions;
 ///
 /// let options = ConsumerOptions::default().lease(Duration::from_secs(60)).max_attempts(3);
-/// assert_eq!(options.max_attempts, Some(3));
+/// assert_eq!(options.retry.max_attempts, 3);
 /// ```
 #[derive(Debug, Clone)]
 pub struct ConsumerOptions {
     /// How long a delivery is leased before it is redelivered. Default 30 s.
     pub lease: Duration,
-    /// After this many deliveries, a retry or lease expiry dead-letters the message.
-    /// `None`: retry forever. Default 5.
-    pub max_attempts: Option<u32>,
+    /// How many deliveries a message gets, and the backoff between them; after the
+    /// last, a retry or lease expiry dead-letters the message. Default 5 attempts.
+    pub retry: RetryPolicy,
     /// Where dead letters go; default [`Source::default_dead_letter`].
     pub dead_letter: Option<Destination>,
     /// How many messages the backend may fetch ahead of `receive` calls. Default 100.
@@ -120,7 +121,12 @@ pub struct ConsumerOptions {
 
 impl Default for ConsumerOptions {
     fn default() -> Self {
-        ConsumerOptions { lease: Duration::from_secs(30), max_attempts: Some(5), dead_letter: None, prefetch: 100 }
+        ConsumerOptions {
+            lease: Duration::from_secs(30),
+            retry: RetryPolicy::default(),
+            dead_letter: None,
+            prefetch: 100,
+        }
     }
 }
 
@@ -133,13 +139,19 @@ impl ConsumerOptions {
 
     /// Sets the maximum number of deliveries.
     pub fn max_attempts(mut self, max_attempts: u32) -> Self {
-        self.max_attempts = Some(max_attempts.max(1));
+        self.retry = self.retry.max_attempts(max_attempts);
         self
     }
 
     /// Retries forever.
     pub fn unlimited_attempts(mut self) -> Self {
-        self.max_attempts = None;
+        self.retry = self.retry.unlimited_attempts();
+        self
+    }
+
+    /// Sets the retry policy (attempts and backoff).
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
         self
     }
 
@@ -158,6 +170,12 @@ impl ConsumerOptions {
     /// The dead-letter destination for `source`.
     pub fn dead_letter_for(&self, source: &Source) -> Destination {
         self.dead_letter.clone().unwrap_or_else(|| source.default_dead_letter())
+    }
+
+    /// The settlement policy every delivery of a consumer of `source` shares; backends
+    /// build it once per consumer and hand it to [`Delivery::new`](crate::Delivery::new).
+    pub fn settle_policy(&self, source: &Source) -> Arc<SettlePolicy> {
+        Arc::new(SettlePolicy::new(source.clone(), self.retry.clone(), self.dead_letter_for(source)))
     }
 }
 

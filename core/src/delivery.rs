@@ -1,41 +1,226 @@
 //! A received message and the means to settle it exactly once.
+//!
+//! Core owns settlement policy: a [`Receipt`] decides retry versus dead letter from its
+//! consumer's [`SettlePolicy`], and [`DeadLetter`] builds the dead letter's headers. A
+//! backend's [`Acknowledger`] is mechanism only.
 
 use std::fmt;
+use std::future::Future;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::destination::Source;
+use crate::destination::{Destination, Source};
 use crate::error::{Error, Result};
-use crate::message::{Message, MessageId};
+use crate::message::{headers, Headers, Message, MessageId};
+use crate::retry::RetryPolicy;
 
-/// How a backend settles one delivery. Adapter authors implement this; users call the
-/// methods on [`Delivery`], which guarantees each delivery is settled at most once.
+/// How a backend settles one delivery: mechanism only. Users call the methods on
+/// [`Delivery`] or [`Receipt`], which decide what to do (retry or dead letter, from the
+/// consumer's [`SettlePolicy`]) and guarantee each delivery is settled at most once.
+///
+/// A failed call must leave the message where it was (still leased to this delivery),
+/// so the receipt can hand the delivery back and the call can be tried again; or
+/// return [`Error::LeaseLost`] when the broker has already taken the message back.
 #[async_trait]
 pub trait Acknowledger: Send + Sync {
+    /// The policy of the consumer this delivery came from, as given to the backend by
+    /// [`ConsumerOptions::settle_policy`](crate::ConsumerOptions::settle_policy).
+    fn policy(&self) -> &SettlePolicy;
     /// Done: never deliver this message again.
     async fn ack(&self) -> Result<()>;
-    /// Deliver again, no sooner than `delay` when given. When the delivery has used
-    /// the consumer's last attempt, the backend dead-letters it instead.
-    async fn retry(&self, delay: Option<Duration>) -> Result<()>;
-    /// Terminal failure: to the dead-letter destination now, with `reason` in its headers.
-    async fn reject(&self, reason: &str) -> Result<()>;
+    /// Deliver the message again, no sooner than `delay` when given, as its next
+    /// attempt. Never dead-letters: the receipt has already decided another attempt is
+    /// allowed.
+    async fn redeliver(&self, delay: Option<Duration>) -> Result<()>;
+    /// Moves the message to [`DeadLetter::destination`] with the dead letter's headers
+    /// (see [`DeadLetter::apply`]): publish the copy, then remove the original.
+    async fn dead_letter(&self, letter: &DeadLetter) -> Result<()>;
     /// Keep the lease for another `by` from now.
     async fn extend_lease(&self, by: Duration) -> Result<()>;
 }
+
+/// What every delivery of one consumer shares: where it was received from, the retry
+/// policy (the one max-attempts value), and where its dead letters go.
+///
+/// Backends build it once per consumer with
+/// [`ConsumerOptions::settle_policy`](crate::ConsumerOptions::settle_policy) and return it
+/// from [`Acknowledger::policy`]. A backend that counts attempts itself (a lease that
+/// expired) asks [`is_last`](Self::is_last) and dead-letters with [`gave_up`](Self::gave_up).
+///
+/// ```
+/// use std::time::Duration;
+/// use courier_core::{AfterFailure, ConsumerOptions, Source};
+///
+/// let source = Source::queue("orders")?;
+/// let policy = ConsumerOptions::default().max_attempts(3).settle_policy(&source);
+/// assert_eq!(policy.after_failure(3, None), AfterFailure::DeadLetter);
+/// let letter = policy.gave_up(3, "card issuer timed out");
+/// assert_eq!(letter.reason(), "gave up after 3 attempts: card issuer timed out");
+/// assert_eq!(letter.destination().to_string(), "queue:orders.dlq");
+/// # Ok::<(), courier_core::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct SettlePolicy {
+    source: Source,
+    retry: RetryPolicy,
+    dead_letter: Destination,
+}
+
+/// What happens to a delivery that failed: core's decision, from the [`SettlePolicy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterFailure {
+    /// Another attempt, no sooner than `delay` (zero: at once).
+    Redeliver {
+        /// The backoff before the next attempt.
+        delay: Duration,
+    },
+    /// The last attempt failed: to the dead-letter destination.
+    DeadLetter,
+}
+
+impl SettlePolicy {
+    /// A policy for a consumer of `source`.
+    pub fn new(source: Source, retry: RetryPolicy, dead_letter: Destination) -> Self {
+        SettlePolicy { source, retry, dead_letter }
+    }
+
+    /// Where the deliveries are received from.
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
+    /// Attempts and backoff.
+    pub fn retry(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    /// Where dead letters go.
+    pub fn dead_letter(&self) -> &Destination {
+        &self.dead_letter
+    }
+
+    /// Whether delivery number `attempt` is the last one allowed.
+    pub fn is_last(&self, attempt: u32) -> bool {
+        self.retry.is_last(attempt)
+    }
+
+    /// What to do after delivery number `attempt` failed: dead-letter it when that was the
+    /// last attempt, else redeliver after `after` or, when not given, the policy's backoff.
+    pub fn after_failure(&self, attempt: u32, after: Option<Duration>) -> AfterFailure {
+        if self.is_last(attempt) {
+            AfterFailure::DeadLetter
+        } else {
+            AfterFailure::Redeliver { delay: after.unwrap_or_else(|| self.retry.delay_after(attempt)) }
+        }
+    }
+
+    /// The dead letter of a message whose last attempt (number `attempt`) failed because
+    /// of `cause`.
+    pub fn gave_up(&self, attempt: u32, cause: &str) -> DeadLetter {
+        self.rejected(attempt, format!("gave up after {attempt} attempts: {cause}"))
+    }
+
+    /// The dead letter of a message rejected on delivery number `attempt`.
+    pub fn rejected(&self, attempt: u32, reason: impl Into<String>) -> DeadLetter {
+        DeadLetter::new(reason, attempt, self.source.clone(), self.dead_letter.clone())
+    }
+}
+
+/// A message on its way to a dead-letter destination: why, after how many deliveries,
+/// from where, and to where. The one place the dead-letter headers are built, used by
+/// every backend, the worker and the triggers.
+///
+/// ```
+/// use courier_core::{headers, DeadLetter, Destination, Message, Source};
+///
+/// let letter = DeadLetter::new("invalid total", 1, Source::queue("orders")?, Destination::queue("orders.dlq")?);
+/// let dead = letter.apply(Message::new("{}").with_header("tenant", "acme"));
+/// assert_eq!(dead.header(headers::DEAD_LETTER_REASON), Some("invalid total"));
+/// assert_eq!(dead.header(headers::DEAD_LETTER_ATTEMPTS), Some("1"));
+/// assert_eq!(dead.header(headers::DEAD_LETTER_ORIGIN), Some("queue:orders"));
+/// assert_eq!(dead.header("tenant"), Some("acme")); // the original headers stay
+/// # Ok::<(), courier_core::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    reason: String,
+    attempts: u32,
+    origin: Source,
+    destination: Destination,
+}
+
+impl DeadLetter {
+    /// A dead letter of a message delivered `attempts` times from `origin`, bound for
+    /// `destination` because of `reason`.
+    pub fn new(reason: impl Into<String>, attempts: u32, origin: Source, destination: Destination) -> Self {
+        DeadLetter { reason: reason.into(), attempts, origin, destination }
+    }
+
+    /// Why the message was dead-lettered.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// How many deliveries it had.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// Where it was received from.
+    pub fn origin(&self) -> &Source {
+        &self.origin
+    }
+
+    /// Where it goes.
+    pub fn destination(&self) -> &Destination {
+        &self.destination
+    }
+
+    /// The headers a dead letter carries besides the original ones: reason, attempts
+    /// and origin.
+    pub fn headers(&self) -> [(&'static str, String); 3] {
+        [
+            (headers::DEAD_LETTER_REASON, self.reason.clone()),
+            (headers::DEAD_LETTER_ATTEMPTS, self.attempts.to_string()),
+            (headers::DEAD_LETTER_ORIGIN, self.origin.to_string()),
+        ]
+    }
+
+    /// Adds the dead-letter headers to `headers`, replacing earlier ones (a message
+    /// dead-lettered before, redriven, and dead-lettered again).
+    pub fn write_headers(&self, headers: &mut Headers) {
+        for (name, value) in self.headers() {
+            headers.insert(name.to_owned(), value);
+        }
+    }
+
+    /// The dead letter `message` becomes: same id, payload and headers, plus the
+    /// dead-letter headers.
+    pub fn apply(&self, mut message: Message) -> Message {
+        self.write_headers(&mut message.headers);
+        message.delay = None;
+        message
+    }
+}
+
+/// The cause a dead letter names when a retry without a reason used the last attempt.
+const RETRY_EXHAUSTED: &str = "max attempts reached on retry";
 
 const UNSETTLED: u8 = 0;
 const SETTLING: u8 = 1;
 const SETTLED: u8 = 2;
 
 /// A message handed to a consumer, to be settled with exactly one of [`ack`](Self::ack),
-/// [`retry`](Self::retry), [`retry_after`](Self::retry_after) or [`reject`](Self::reject).
+/// [`retry`](Self::retry), [`retry_after`](Self::retry_after), [`fail`](Self::fail) or
+/// [`reject`](Self::reject).
 ///
-/// Settling twice returns [`Error::AlreadySettled`]. When a settlement fails, the
-/// delivery is handed back unsettled so the caller may try again; a delivery dropped
-/// without settlement comes back after its lease.
+/// Settling twice returns [`Error::AlreadySettled`]. When a settlement fails, or its
+/// future is dropped before it completes, the delivery is handed back unsettled so the
+/// caller may try again; a delivery dropped without settlement comes back after its
+/// lease.
 ///
 /// It dereferences to its [`Message`]; [`into_parts`](Self::into_parts) splits it into
 /// the message and a [`Receipt`] that settles it, so the message can be moved on.
@@ -59,19 +244,23 @@ pub struct Delivery {
 
 /// The right to settle one delivery, exactly once. Split from its message by
 /// [`Delivery::into_parts`].
+///
+/// It owns the settlement policy: a retry of the last attempt, or a
+/// [`fail`](Self::fail)ure, dead-letters the message with the reason, attempts and origin
+/// headers; otherwise the backend redelivers it.
 pub struct Receipt {
     id: MessageId,
     attempt: u32,
-    source: Source,
     acker: Box<dyn Acknowledger>,
     state: AtomicU8,
 }
 
 impl Delivery {
-    /// Builds a delivery; for backend authors. `attempt` is 1 on first delivery.
-    pub fn new(message: Message, attempt: u32, source: Source, acker: Box<dyn Acknowledger>) -> Self {
+    /// Builds a delivery; for backend authors. `attempt` is 1 on first delivery; the
+    /// source and settlement policy come from [`Acknowledger::policy`].
+    pub fn new(message: Message, attempt: u32, acker: Box<dyn Acknowledger>) -> Self {
         let receipt =
-            Receipt { id: message.id.clone(), attempt: attempt.max(1), source, acker, state: AtomicU8::new(UNSETTLED) };
+            Receipt { id: message.id.clone(), attempt: attempt.max(1), acker, state: AtomicU8::new(UNSETTLED) };
         Delivery { message, receipt }
     }
 
@@ -97,7 +286,7 @@ impl Delivery {
 
     /// Where it was received from.
     pub fn source(&self) -> &Source {
-        &self.receipt.source
+        self.receipt.source()
     }
 
     /// Whether it has been settled.
@@ -118,6 +307,11 @@ impl Delivery {
     /// Redeliver no sooner than `delay` (or dead-letter, if this was the last attempt).
     pub async fn retry_after(&self, delay: Duration) -> Result<()> {
         self.receipt.retry_after(delay).await
+    }
+
+    /// A failure of this delivery because of `reason`; see [`Receipt::fail`].
+    pub async fn fail(&self, reason: &str, after: Option<Duration>) -> Result<AfterFailure> {
+        self.receipt.fail(reason, after).await
     }
 
     /// Send to the dead-letter destination now, with `reason` in its headers.
@@ -149,7 +343,18 @@ impl Receipt {
 
     /// Where the message was received from.
     pub fn source(&self) -> &Source {
-        &self.source
+        self.acker.policy().source()
+    }
+
+    /// The consumer's settlement policy.
+    pub fn policy(&self) -> &SettlePolicy {
+        self.acker.policy()
+    }
+
+    /// What a failure of this delivery would lead to, without settling: see
+    /// [`SettlePolicy::after_failure`].
+    pub fn after_failure(&self, after: Option<Duration>) -> AfterFailure {
+        self.policy().after_failure(self.attempt, after)
     }
 
     /// Whether it has been settled.
@@ -164,17 +369,43 @@ impl Receipt {
 
     /// See [`Delivery::retry`].
     pub async fn retry(&self) -> Result<()> {
-        self.settle(self.acker.retry(None)).await
+        self.retry_or_give_up(None).await
     }
 
     /// See [`Delivery::retry_after`].
     pub async fn retry_after(&self, delay: Duration) -> Result<()> {
-        self.settle(self.acker.retry(Some(delay))).await
+        self.retry_or_give_up(Some(delay)).await
+    }
+
+    async fn retry_or_give_up(&self, delay: Option<Duration>) -> Result<()> {
+        let policy = self.policy();
+        if policy.is_last(self.attempt) {
+            self.settle(self.acker.dead_letter(&policy.gave_up(self.attempt, RETRY_EXHAUSTED))).await
+        } else {
+            self.settle(self.acker.redeliver(delay.filter(|d| !d.is_zero()))).await
+        }
+    }
+
+    /// This delivery failed because of `reason`: the policy decides (see
+    /// [`SettlePolicy::after_failure`]). After the last attempt the message is
+    /// dead-lettered with the reason `gave up after N attempts: <reason>`; otherwise it is
+    /// redelivered after `after` or the policy's backoff. Returns what was done.
+    pub async fn fail(&self, reason: &str, after: Option<Duration>) -> Result<AfterFailure> {
+        let next = self.after_failure(after);
+        match next {
+            AfterFailure::DeadLetter => {
+                self.settle(self.acker.dead_letter(&self.policy().gave_up(self.attempt, reason))).await?
+            }
+            AfterFailure::Redeliver { delay } => {
+                self.settle(self.acker.redeliver(Some(delay).filter(|d| !d.is_zero()))).await?
+            }
+        }
+        Ok(next)
     }
 
     /// See [`Delivery::reject`].
     pub async fn reject(&self, reason: &str) -> Result<()> {
-        self.settle(self.acker.reject(reason)).await
+        self.settle(self.acker.dead_letter(&self.policy().rejected(self.attempt, reason))).await
     }
 
     /// See [`Delivery::extend_lease`].
@@ -185,11 +416,16 @@ impl Receipt {
         self.acker.extend_lease(by).await
     }
 
-    async fn settle(&self, op: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    async fn settle(&self, op: impl Future<Output = Result<()>>) -> Result<()> {
         if self.state.compare_exchange(UNSETTLED, SETTLING, Ordering::AcqRel, Ordering::Acquire).is_err() {
             return Err(Error::AlreadySettled { id: self.id.clone() });
         }
-        match op.await {
+        // Dropped mid-settlement (a cancelled future, a timeout): the delivery is
+        // handed back unsettled, so it can be settled again or expire as a lease.
+        let mut guard = HandBackOnDrop { state: &self.state, armed: true };
+        let result = op.await;
+        guard.armed = false;
+        match result {
             Ok(()) => {
                 self.state.store(SETTLED, Ordering::Release);
                 Ok(())
@@ -204,6 +440,20 @@ impl Receipt {
                 self.state.store(UNSETTLED, Ordering::Release);
                 Err(e)
             }
+        }
+    }
+}
+
+/// Returns a receipt to unsettled when its settlement future is dropped before it ends.
+struct HandBackOnDrop<'a> {
+    state: &'a AtomicU8,
+    armed: bool,
+}
+
+impl Drop for HandBackOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.state.store(UNSETTLED, Ordering::Release);
         }
     }
 }
@@ -225,7 +475,7 @@ impl fmt::Debug for Receipt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Receipt")
             .field("id", &self.id)
-            .field("source", &self.source)
+            .field("source", self.source())
             .field("attempt", &self.attempt)
             .field("settled", &self.is_settled())
             .finish_non_exhaustive()
@@ -236,27 +486,46 @@ impl fmt::Debug for Receipt {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
+
+    /// Records what settlement asked of the backend.
+    #[derive(Default)]
+    struct Recorded {
+        calls: AtomicUsize,
+        redelivered: Mutex<Vec<Option<Duration>>>,
+        dead_letters: Mutex<Vec<DeadLetter>>,
+    }
 
     struct Flaky {
         fail_first: bool,
-        calls: Arc<AtomicUsize>,
+        /// Never completes an ack: for cancellation.
+        hang: bool,
+        policy: SettlePolicy,
+        recorded: Arc<Recorded>,
     }
 
     #[async_trait]
     impl Acknowledger for Flaky {
+        fn policy(&self) -> &SettlePolicy {
+            &self.policy
+        }
         async fn ack(&self) -> Result<()> {
-            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            let n = self.recorded.calls.fetch_add(1, Ordering::SeqCst);
+            if self.hang {
+                std::future::pending::<()>().await;
+            }
             if self.fail_first && n == 0 {
                 Err(Error::retryable("connection dropped"))
             } else {
                 Ok(())
             }
         }
-        async fn retry(&self, _: Option<Duration>) -> Result<()> {
+        async fn redeliver(&self, delay: Option<Duration>) -> Result<()> {
+            self.recorded.redelivered.lock().unwrap().push(delay);
             Ok(())
         }
-        async fn reject(&self, _: &str) -> Result<()> {
+        async fn dead_letter(&self, letter: &DeadLetter) -> Result<()> {
+            self.recorded.dead_letters.lock().unwrap().push(letter.clone());
             Ok(())
         }
         async fn extend_lease(&self, _: Duration) -> Result<()> {
@@ -264,28 +533,95 @@ mod tests {
         }
     }
 
-    fn delivery(fail_first: bool) -> (Delivery, Arc<AtomicUsize>) {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let acker = Box::new(Flaky { fail_first, calls: calls.clone() });
-        (Delivery::new(Message::new("x"), 1, Source::queue("q").unwrap(), acker), calls)
+    fn policy(max_attempts: u32) -> SettlePolicy {
+        let source = Source::queue("q").unwrap();
+        let retry = RetryPolicy::default()
+            .max_attempts(max_attempts)
+            .backoff(Duration::from_millis(100), Duration::from_secs(1))
+            .without_jitter();
+        SettlePolicy::new(source.clone(), retry, source.default_dead_letter())
+    }
+
+    fn delivery_with(attempt: u32, max_attempts: u32, fail_first: bool, hang: bool) -> (Delivery, Arc<Recorded>) {
+        let recorded = Arc::new(Recorded::default());
+        let acker = Box::new(Flaky { fail_first, hang, policy: policy(max_attempts), recorded: recorded.clone() });
+        (Delivery::new(Message::new("x"), attempt, acker), recorded)
+    }
+
+    fn delivery(fail_first: bool) -> (Delivery, Arc<Recorded>) {
+        delivery_with(1, 5, fail_first, false)
     }
 
     #[tokio::test]
     async fn settling_twice_is_an_error_not_a_panic() {
-        let (d, calls) = delivery(false);
+        let (d, recorded) = delivery(false);
         d.ack().await.unwrap();
         assert!(matches!(d.reject("late").await, Err(Error::AlreadySettled { .. })));
         assert!(matches!(d.extend_lease(Duration::from_secs(1)).await, Err(Error::AlreadySettled { .. })));
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(recorded.calls.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
     async fn a_failed_ack_hands_the_delivery_back() {
-        let (d, calls) = delivery(true);
+        let (d, recorded) = delivery(true);
         assert!(d.ack().await.unwrap_err().is_retryable());
         assert!(!d.is_settled());
         d.ack().await.unwrap();
         assert!(d.is_settled());
-        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(recorded.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_settlement_hands_the_delivery_back() {
+        let (d, _) = delivery_with(1, 5, false, true);
+        let cancelled = tokio::time::timeout(Duration::from_millis(10), d.ack()).await;
+        assert!(cancelled.is_err(), "the ack hangs, so the timeout cancels it");
+        assert!(!d.is_settled());
+        // Not stuck in "settling": another settlement goes through.
+        d.reject("after a cancelled ack").await.expect("settle after cancellation");
+        assert!(d.is_settled());
+    }
+
+    #[tokio::test]
+    async fn the_receipt_decides_retry_versus_dead_letter() {
+        // Not the last attempt: redelivered after the policy's backoff.
+        let (d, recorded) = delivery_with(2, 3, false, false);
+        assert_eq!(
+            d.fail("downstream down", None).await.unwrap(),
+            AfterFailure::Redeliver { delay: Duration::from_millis(200) }
+        );
+        assert_eq!(*recorded.redelivered.lock().unwrap(), [Some(Duration::from_millis(200))]);
+        assert!(recorded.dead_letters.lock().unwrap().is_empty());
+
+        // The last attempt: dead-lettered with the one reason text, never redelivered.
+        let (d, recorded) = delivery_with(3, 3, false, false);
+        assert_eq!(d.fail("downstream down", None).await.unwrap(), AfterFailure::DeadLetter);
+        let letter = recorded.dead_letters.lock().unwrap()[0].clone();
+        assert_eq!(letter.reason(), "gave up after 3 attempts: downstream down");
+        assert_eq!(letter.attempts(), 3);
+        assert_eq!(letter.destination().to_string(), "queue:q.dlq");
+        assert!(recorded.redelivered.lock().unwrap().is_empty());
+
+        // A plain retry of the last attempt dead-letters too; of an earlier one, redelivers.
+        let (d, recorded) = delivery_with(3, 3, false, false);
+        d.retry().await.unwrap();
+        assert_eq!(
+            recorded.dead_letters.lock().unwrap()[0].reason(),
+            "gave up after 3 attempts: max attempts reached on retry"
+        );
+        let (d, recorded) = delivery_with(1, 3, false, false);
+        d.retry_after(Duration::from_secs(2)).await.unwrap();
+        assert_eq!(*recorded.redelivered.lock().unwrap(), [Some(Duration::from_secs(2))]);
+    }
+
+    #[test]
+    fn a_dead_letter_replaces_older_dead_letter_headers() {
+        let source = Source::queue("q").unwrap();
+        let first = DeadLetter::new("first", 1, source.clone(), source.default_dead_letter());
+        let second = DeadLetter::new("second", 4, source.clone(), source.default_dead_letter());
+        let dead = second.apply(first.apply(Message::new("x")));
+        assert_eq!(dead.header(headers::DEAD_LETTER_REASON), Some("second"));
+        assert_eq!(dead.header(headers::DEAD_LETTER_ATTEMPTS), Some("4"));
+        assert_eq!(dead.headers.len(), 3);
     }
 }

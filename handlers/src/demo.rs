@@ -23,8 +23,8 @@ use courier_core::{headers, Destination, DynBroker, Error, Message, Result, Sour
 use tokio::sync::Notify;
 
 use crate::handler::{Context, Json};
-use crate::retry::RetryPolicy;
 use crate::worker::{App, RouteOptions, RunReport};
+use courier_core::RetryPolicy;
 
 /// Order number whose payment always fails (retried, then dead-lettered).
 pub const FLAKY_ORDER: u64 = 7;

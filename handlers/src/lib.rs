@@ -35,29 +35,28 @@
 //!
 //! - [`handler`](Handler): async functions with extractors ([`Json`], [`Context`], …),
 //!   returning an [`Outcome`] or a `Result`; tower layers wrap them ([`handler_service`]).
-//! - [`App`]: the worker; [`RetryPolicy`]: the single owner of retry versus dead letter.
+//! - [`App`]: the worker; [`RetryPolicy`]: attempts and backoff, applied by each delivery's
+//!   receipt (core owns settlement: retry versus dead letter, and the dead letter's headers).
 //! - [`connect`] and [`Config`]: the backend from a URL, a TOML file or `COURIER_*` variables.
 #![warn(missing_docs)]
 
 mod config;
 pub mod demo;
 mod handler;
-mod retry;
 mod trace;
 pub mod trigger;
 mod worker;
 
 pub use config::{connect, redact_url, Config, WorkerConfig, SCHEMES};
 pub use courier_core::{
-    headers, Broker, Bytes, Capabilities, Consumer, ConsumerOptions, Delivery, Destination, DynBroker, Error, Feature,
-    Headers, Message, MessageId, Result, Source, Stats,
+    headers, AfterFailure, Broker, Bytes, Capabilities, Consumer, ConsumerOptions, DeadLetter, Delivery, Destination,
+    DynBroker, Error, Feature, Headers, Message, MessageId, Result, RetryPolicy, Source, Stats,
 };
 pub use courier_local::LocalBroker;
 pub use handler::{
     handler_service, BatchHandler, Context, FromIncoming, FromIncomingRef, Handler, HandlerFuture, HandlerService,
     Incoming, IntoOutcome, Json, Outcome,
 };
-pub use retry::RetryPolicy;
 pub use trace::TraceParent;
 pub use worker::{shutdown_signal, App, RouteOptions, RunReport};
 

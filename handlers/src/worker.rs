@@ -19,8 +19,8 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 use tracing::{field, Instrument, Span};
 
 use crate::handler::{handler_service, outcome_of_box_error, BatchHandler, BoxFuture, Handler, Incoming, Outcome};
-use crate::retry::RetryPolicy;
 use crate::trace::TraceParent;
+use courier_core::{AfterFailure, RetryPolicy};
 
 /// How one route consumes and retries.
 ///
@@ -290,7 +290,7 @@ impl App {
         for route in self.routes {
             let consumer_options = ConsumerOptions {
                 lease: route.options.lease,
-                max_attempts: Some(route.options.retry.max_attempts),
+                retry: route.options.retry.clone(),
                 dead_letter: route.options.dead_letter.clone(),
                 prefetch: route.options.batch * route.options.concurrency,
             };
@@ -700,42 +700,42 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "non-string panic".to_owned())
 }
 
-/// Settles a delivery from its outcome; the retry policy decides retry versus dead letter.
+/// Settles a delivery from its outcome. The receipt owns the policy: it decides retry
+/// versus dead letter and builds the dead letter; the worker only counts and, on a
+/// backend that cannot delay a redelivery, holds the message for its backoff.
 async fn settle(route: &RouteRuntime, delivery: Receipt, outcome: Outcome) {
-    let attempt = delivery.attempt();
-    let policy = &route.options.retry;
     let result = match &outcome {
         Outcome::Ack => {
             route.counters.acked.fetch_add(1, Ordering::Relaxed);
             route.metrics.succeeded.increment(1);
             with_settle_retries(|| delivery.ack()).await
         }
-        Outcome::Retry { reason, .. } if policy.is_last(attempt) => {
-            route.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            route.metrics.dead_lettered.increment(1);
-            tracing::warn!(reason, attempt, "giving up: dead-lettering");
-            let reason = format!("gave up after {attempt} attempts: {reason}");
-            with_settle_retries(|| delivery.reject(&reason)).await
-        }
-        Outcome::Retry { after, reason } => {
-            route.counters.retried.fetch_add(1, Ordering::Relaxed);
-            route.metrics.retried.increment(1);
-            let delay = after.unwrap_or_else(|| policy.delay_after(attempt));
-            tracing::info!(reason, ?delay, "retrying");
-            if route.delayed_retry {
-                with_settle_retries(|| delivery.retry_after(delay)).await
-            } else {
-                // The backend cannot delay a redelivery: hold the message for the delay,
-                // then hand it back, so the backoff is still honoured.
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    if let Err(e) = with_settle_retries(|| delivery.retry()).await {
-                        tracing::warn!(error = %e, "retry failed; the message returns after its lease");
-                    }
-                });
-                Ok(())
+        Outcome::Retry { after, reason } => match delivery.after_failure(*after) {
+            AfterFailure::DeadLetter => {
+                route.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                route.metrics.dead_lettered.increment(1);
+                tracing::warn!(reason, attempt = delivery.attempt(), "giving up: dead-lettering");
+                with_settle_retries(|| async { delivery.fail(reason, *after).await.map(drop) }).await
             }
-        }
+            AfterFailure::Redeliver { delay } => {
+                route.counters.retried.fetch_add(1, Ordering::Relaxed);
+                route.metrics.retried.increment(1);
+                tracing::info!(reason, ?delay, "retrying");
+                if route.delayed_retry || delay.is_zero() {
+                    with_settle_retries(|| delivery.retry_after(delay)).await
+                } else {
+                    // The backend cannot delay a redelivery: hold the message for the
+                    // delay, then hand it back, so the backoff is still honoured.
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        if let Err(e) = with_settle_retries(|| delivery.retry()).await {
+                            tracing::warn!(error = %e, "retry failed; the message returns after its lease");
+                        }
+                    });
+                    Ok(())
+                }
+            }
+        },
         Outcome::Reject { reason } => {
             route.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
             route.metrics.dead_lettered.increment(1);

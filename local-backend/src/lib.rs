@@ -4,7 +4,9 @@
 //! contract with every capability on — competing consumers, topics with subscriptions,
 //! ack/retry/reject, leases that expire and can be extended, attempt counting and
 //! dead-lettering, delayed messages, per-key FIFO, a dedup window, bounded capacity
-//! with backpressure, purge and statistics.
+//! with backpressure, purge and statistics. The contract is `docs/contract.md` in the
+//! repository; core's receipt decides retry versus dead letter, and this backend counts
+//! the attempts only it sees (a lease that expired) against the same policy.
 //!
 //! ```
 //! use std::time::Duration;
@@ -38,13 +40,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use courier_core::{
-    Acknowledger, Broker, Capabilities, Consumer, ConsumerOptions, Delivery, Destination, Error, Message, MessageId,
-    Name, Result, Source, Stats,
+    Acknowledger, Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Delivery, Destination, Error, Message,
+    MessageId, Name, Result, SettlePolicy, Source, Stats,
 };
 use tokio::time::Instant;
 
 use entry::Entry;
-use queue::{ConsumerPolicy, DeadLetter, Queue};
+use queue::{ConsumerPolicy, DeadEntry, Queue};
 
 /// What a send does when a destination with a capacity is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -317,9 +319,9 @@ impl BrokerInner {
         Ok(ids)
     }
 
-    pub(crate) fn deliver_dead_letter(&self, origin: &Source, dead: DeadLetter) -> Result<()> {
-        let to = dead.to.clone();
-        let entry = queue::dead_letter_entry(origin, dead);
+    pub(crate) fn deliver_dead_letter(&self, dead: DeadEntry) -> Result<()> {
+        let to = dead.letter.destination().clone();
+        let entry = queue::dead_letter_entry(dead);
         for q in self.targets(&to) {
             q.push_dead_letter(entry.clone());
         }
@@ -375,13 +377,13 @@ impl Broker for LocalBroker {
     async fn consumer(&self, source: &Source, options: ConsumerOptions) -> Result<Box<dyn Consumer>> {
         self.inner.check_open()?;
         let queue = self.inner.source_queue(source);
+        let settle = options.settle_policy(source);
         let policy = Arc::new(ConsumerPolicy {
             id: self.inner.next_consumer.fetch_add(1, Ordering::Relaxed),
             lease: options.lease,
-            max_attempts: options.max_attempts,
-            dead_letter: options.dead_letter_for(source),
+            settle: settle.clone(),
         });
-        let handle = Arc::new(ConsumerHandle { queue });
+        let handle = Arc::new(ConsumerHandle { queue, settle });
         Ok(Box::new(LocalConsumer { handle, source: source.clone(), policy, closed: AtomicBool::new(false) }))
     }
 
@@ -419,6 +421,7 @@ impl Broker for LocalBroker {
 /// producers take, and per-delivery count updates there slow both sides down.
 struct ConsumerHandle {
     queue: Arc<Queue>,
+    settle: Arc<SettlePolicy>,
 }
 
 struct LocalConsumer {
@@ -440,7 +443,7 @@ impl Consumer for LocalConsumer {
             .into_iter()
             .map(|(tag, attempt, message)| {
                 let acker = LocalAcker { consumer: self.handle.clone(), tag, id: message.id.clone() };
-                Delivery::new(message, attempt, self.source.clone(), Box::new(acker))
+                Delivery::new(message, attempt, Box::new(acker))
             })
             .collect())
     }
@@ -461,16 +464,20 @@ struct LocalAcker {
 
 #[async_trait]
 impl Acknowledger for LocalAcker {
+    fn policy(&self) -> &SettlePolicy {
+        &self.consumer.settle
+    }
+
     async fn ack(&self) -> Result<()> {
         self.consumer.queue.ack(self.tag, &self.id)
     }
 
-    async fn retry(&self, delay: Option<Duration>) -> Result<()> {
-        self.consumer.queue.retry(self.tag, &self.id, delay)
+    async fn redeliver(&self, delay: Option<Duration>) -> Result<()> {
+        self.consumer.queue.redeliver(self.tag, &self.id, delay)
     }
 
-    async fn reject(&self, reason: &str) -> Result<()> {
-        self.consumer.queue.reject(self.tag, &self.id, reason)
+    async fn dead_letter(&self, letter: &DeadLetter) -> Result<()> {
+        self.consumer.queue.dead_letter_now(self.tag, &self.id, letter)
     }
 
     async fn extend_lease(&self, by: Duration) -> Result<()> {

@@ -7,7 +7,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
-use courier_core::{headers, Destination, Error, MessageId, Result, Source, Stats};
+use courier_core::{DeadLetter as Letter, Error, MessageId, Result, SettlePolicy, Source, Stats};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -19,8 +19,8 @@ use crate::{BrokerInner, WhenFull};
 pub(crate) struct ConsumerPolicy {
     pub id: u64,
     pub lease: Duration,
-    pub max_attempts: Option<u32>,
-    pub dead_letter: Destination,
+    /// Core's policy: the attempt limit and the dead-letter destination.
+    pub settle: Arc<SettlePolicy>,
 }
 
 struct InFlight {
@@ -54,16 +54,10 @@ impl Ord for Delayed {
     }
 }
 
-enum AfterFailure {
-    TryAgain(Entry),
-    DeadLetter(DeadLetter),
-}
-
-/// A message on its way to a dead-letter destination.
-pub(crate) struct DeadLetter {
+/// A queued message on its way to a dead-letter destination, with core's dead letter.
+pub(crate) struct DeadEntry {
     pub entry: Entry,
-    pub reason: String,
-    pub to: Destination,
+    pub letter: Letter,
 }
 
 type InFlightMap = HashMap<u64, InFlight, BuildHasherDefault<TagHasher>>;
@@ -364,18 +358,12 @@ impl Queue {
         Ok(())
     }
 
-    /// Retries an in-flight delivery, or dead-letters it when its attempts are used up.
-    pub fn retry(&self, tag: u64, id: &MessageId, delay: Option<Duration>) -> Result<()> {
+    /// Hands an in-flight delivery back for another attempt, after `delay` when given.
+    pub fn redeliver(&self, tag: u64, id: &MessageId, delay: Option<Duration>) -> Result<()> {
         let mut st = self.lock();
         let flight = st.in_flight.remove(&tag).ok_or_else(|| Self::settle_lost(id))?;
         st.forget_lease(flight.deadline, tag);
-        let flight_entry = match st.use_attempt(flight, "retry") {
-            AfterFailure::TryAgain(entry) => entry,
-            AfterFailure::DeadLetter(dead) => {
-                drop(st);
-                return self.dead_letter(dead);
-            }
-        };
+        let flight_entry = flight.entry;
         match delay.filter(|d| !d.is_zero()) {
             Some(delay) => {
                 let due = Instant::now() + delay;
@@ -394,11 +382,11 @@ impl Queue {
     }
 
     /// Dead-letters an in-flight delivery now.
-    pub fn reject(&self, tag: u64, id: &MessageId, reason: &str) -> Result<()> {
+    pub fn dead_letter_now(&self, tag: u64, id: &MessageId, letter: &Letter) -> Result<()> {
         let mut st = self.lock();
         let flight = st.in_flight.remove(&tag).ok_or_else(|| Self::settle_lost(id))?;
         st.forget_lease(flight.deadline, tag);
-        let dead = st.remove_for_dead_letter(flight, reason.to_owned());
+        let dead = st.remove_for_dead_letter(flight.entry, letter.clone());
         drop(st);
         self.dead_letter(dead)
     }
@@ -459,10 +447,15 @@ impl Queue {
                     continue;
                 }
                 let flight = st.in_flight.remove(&tag).expect("checked above");
-                match st.use_attempt(flight, "lease expiry") {
+                // Only the backend sees a lease expire, so it counts that attempt; core's
+                // policy says whether it was the last, and builds the dead letter.
+                let settle = &flight.policy.settle;
+                if settle.is_last(flight.entry.deliveries) {
+                    let letter = settle.gave_up(flight.entry.deliveries, "max attempts reached on lease expiry");
+                    dead.push(st.remove_for_dead_letter(flight.entry, letter));
+                } else {
                     // An expired lease is the oldest work around: first in line.
-                    AfterFailure::TryAgain(entry) => st.ready.push_front(entry),
-                    AfterFailure::DeadLetter(d) => dead.push(d),
+                    st.ready.push_front(flight.entry);
                 }
                 woke = true;
             }
@@ -484,10 +477,10 @@ impl Queue {
         next
     }
 
-    pub(crate) fn dead_letter(&self, dead: DeadLetter) -> Result<()> {
+    pub(crate) fn dead_letter(&self, dead: DeadEntry) -> Result<()> {
         self.writable.notify_one();
         let broker = self.broker.upgrade().ok_or(Error::Closed { what: "broker" })?;
-        broker.deliver_dead_letter(&self.source, dead)
+        broker.deliver_dead_letter(dead)
     }
 
     fn after_finish(&self, released_key: bool) {
@@ -587,31 +580,18 @@ impl State {
         }
     }
 
-    /// After a failed delivery: the delivery back when it may be tried again, or its
-    /// dead letter when its attempts are used up.
-    fn use_attempt(&mut self, flight: InFlight, cause: &str) -> AfterFailure {
-        match flight.policy.max_attempts {
-            Some(max) if flight.entry.deliveries >= max => AfterFailure::DeadLetter(
-                self.remove_for_dead_letter(flight, format!("max attempts ({max}) reached on {cause}")),
-            ),
-            _ => AfterFailure::TryAgain(flight.entry),
-        }
-    }
-
-    fn remove_for_dead_letter(&mut self, flight: InFlight, reason: String) -> DeadLetter {
-        self.finish(&flight.entry);
+    fn remove_for_dead_letter(&mut self, entry: Entry, letter: Letter) -> DeadEntry {
+        self.finish(&entry);
         self.dead_lettered += 1;
-        DeadLetter { entry: flight.entry, reason, to: flight.policy.dead_letter.clone() }
+        DeadEntry { entry, letter }
     }
 }
 
-/// Builds the message a dead letter becomes: same id, payload and headers, plus why,
-/// after how many attempts and from where.
-pub(crate) fn dead_letter_entry(origin: &Source, dead: DeadLetter) -> Entry {
-    let DeadLetter { mut entry, reason, .. } = dead;
-    entry.headers.insert(headers::DEAD_LETTER_REASON.to_owned(), reason);
-    entry.headers.insert(headers::DEAD_LETTER_ATTEMPTS.to_owned(), entry.deliveries.to_string());
-    entry.headers.insert(headers::DEAD_LETTER_ORIGIN.to_owned(), origin.to_string());
+/// Builds the entry a dead letter becomes: same id, payload and headers, plus core's
+/// dead-letter headers (why, after how many attempts, from where).
+pub(crate) fn dead_letter_entry(dead: DeadEntry) -> Entry {
+    let DeadEntry { mut entry, letter } = dead;
+    letter.write_headers(&mut entry.headers);
     if let Some(extra) = entry.extra.as_deref_mut() {
         // A dead letter is a new arrival in its queue: never dropped as a duplicate.
         extra.dedup_id = None;

@@ -7,7 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use courier_core::{
-    headers, Acknowledger, Broker, Consumer, Delivery, Destination, Error, Feature, MessageId, Name, Result, Source,
+    Acknowledger, Broker, Consumer, DeadLetter, Delivery, Destination, Error, Feature, MessageId, Name, Result,
+    SettlePolicy, Source,
 };
 use futures::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
@@ -24,23 +25,16 @@ const STATUS_CHECK_EVERY: Duration = Duration::from_millis(250);
 /// What settling a delivery needs, shared by all of a consumer's deliveries.
 pub(crate) struct Settle {
     broker: AmqpBroker,
-    source: Source,
     /// Retries go straight back to the consumer's own queue (for a subscription, not
     /// through the topic, which would reach every other subscription too).
     retry_to: Destination,
-    dead_letter: Destination,
-    max_attempts: Option<u32>,
+    policy: Arc<SettlePolicy>,
 }
 
 impl Settle {
-    pub(crate) fn new(
-        broker: AmqpBroker,
-        source: Source,
-        dead_letter: Destination,
-        max_attempts: Option<u32>,
-    ) -> Result<Self> {
-        let retry_to = Destination::Queue(Name::new("queue", &queue_name(&source))?);
-        Ok(Settle { broker, source, retry_to, dead_letter, max_attempts })
+    pub(crate) fn new(broker: AmqpBroker, policy: Arc<SettlePolicy>) -> Result<Self> {
+        let retry_to = Destination::Queue(Name::new("queue", &queue_name(policy.source()))?);
+        Ok(Settle { broker, retry_to, policy })
     }
 }
 
@@ -112,7 +106,7 @@ impl AmqpConsumer {
             payload,
             properties,
         });
-        Delivery::new(message, attempt, self.source.clone(), acker)
+        Delivery::new(message, attempt, acker)
     }
 }
 
@@ -264,17 +258,6 @@ impl AmqpAcker {
         }
     }
 
-    async fn dead_letter(&self, reason: &str) -> Result<()> {
-        let extra = [
-            (headers::DEAD_LETTER_REASON, reason.to_owned()),
-            (headers::DEAD_LETTER_ATTEMPTS, self.attempt.to_string()),
-            (headers::DEAD_LETTER_ORIGIN, self.settle.source.to_string()),
-        ];
-        let props = mapping::republished(&self.properties, &self.id, 1, &extra);
-        self.settle.broker.republish(&self.settle.dead_letter, None, &self.payload, props).await?;
-        self.ack_original().await
-    }
-
     fn lost(&self) -> bool {
         !self.acker.usable()
     }
@@ -290,27 +273,30 @@ impl AmqpAcker {
 
 #[async_trait]
 impl Acknowledger for AmqpAcker {
+    fn policy(&self) -> &SettlePolicy {
+        &self.settle.policy
+    }
+
     async fn ack(&self) -> Result<()> {
         self.ack_original().await
     }
 
-    async fn retry(&self, delay: Option<Duration>) -> Result<()> {
+    async fn redeliver(&self, delay: Option<Duration>) -> Result<()> {
         if self.lost() {
             return Err(Error::LeaseLost { id: self.id.clone() });
-        }
-        if let Some(max) = self.settle.max_attempts.filter(|max| self.attempt >= *max) {
-            return self.dead_letter(&format!("max attempts ({max}) reached on retry")).await;
         }
         let props = mapping::republished(&self.properties, &self.id, self.attempt + 1, &[]);
         self.settle.broker.republish(&self.settle.retry_to, delay, &self.payload, props).await?;
         self.ack_original().await
     }
 
-    async fn reject(&self, reason: &str) -> Result<()> {
+    async fn dead_letter(&self, letter: &DeadLetter) -> Result<()> {
         if self.lost() {
             return Err(Error::LeaseLost { id: self.id.clone() });
         }
-        self.dead_letter(reason).await
+        let props = mapping::republished(&self.properties, &self.id, 1, &letter.headers());
+        self.settle.broker.republish(letter.destination(), None, &self.payload, props).await?;
+        self.ack_original().await
     }
 
     async fn extend_lease(&self, _by: Duration) -> Result<()> {

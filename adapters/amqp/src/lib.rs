@@ -23,6 +23,10 @@
 //!
 //! # How the contract maps onto RabbitMQ
 //!
+//! Each clause of the contract (`docs/contract.md` in the repository) on RabbitMQ. Core's
+//! receipt decides retry versus dead letter and builds the dead letter's headers; this
+//! adapter carries out what it decided.
+//!
 //! | Courier | RabbitMQ |
 //! |---|---|
 //! | queue `q` | durable queue `q` (classic, or quorum with `?queue_type=quorum`) |
@@ -31,8 +35,8 @@
 //! | send | persistent, `mandatory` publish awaiting its publisher confirm: an unroutable message (no such queue, or a topic without subscriptions) or a nack is an error, never a silent loss; batches pipeline their confirms |
 //! | receive | `basic.consume` with `basic.qos` prefetch |
 //! | ack | `basic.ack` |
-//! | retry | a confirmed republish with the attempt header one higher (through a [delay bucket](#delays) for `retry_after`), then `basic.ack` of the original |
-//! | reject, max attempts | a confirmed publish to the dead-letter destination (default queue `<source>.dlq`, declared with the consumer) with the reason, attempts and origin headers, then `basic.ack` |
+//! | redeliver (a retry core allows) | a confirmed republish with the attempt header one higher (through a [delay bucket](#delays) for `retry_after`), then `basic.ack` of the original |
+//! | dead letter (a reject, or a failure of the last attempt) | a confirmed publish to the dead-letter destination (default queue `<source>.dlq`, declared with the consumer) with core's reason, attempts and origin headers, then `basic.ack` |
 //! | attempt number | Courier's `x-courier-attempt` header, plus one if the broker redelivered (plus `x-delivery-count` on quorum queues) |
 //! | delayed send, delayed retry | [delay buckets](#delays), up to 7 days |
 //! | lease | held until settled or the channel closes (RabbitMQ's `consumer_timeout` still applies); no lease expiry or extension: they return `Unsupported` |
@@ -471,11 +475,11 @@ impl Broker for AmqpBroker {
     async fn consumer(&self, source: &Source, options: ConsumerOptions) -> Result<Box<dyn Consumer>> {
         self.inner.session.check_open()?;
         self.inner.declare_source(source).await?;
-        let dead_letter = options.dead_letter_for(source);
-        if let Destination::Queue(dlq) = &dead_letter {
+        let policy = options.settle_policy(source);
+        if let Destination::Queue(dlq) = policy.dead_letter() {
             self.inner.declare_source(&Source::Queue(dlq.clone())).await?;
         }
-        let settle = consumer::Settle::new(self.clone(), source.clone(), dead_letter, options.max_attempts)?;
+        let settle = consumer::Settle::new(self.clone(), policy)?;
         let prefetch =
             self.inner.session.config.prefetch.unwrap_or(options.prefetch.clamp(1, u16::MAX as usize) as u16);
         let consumer = AmqpConsumer::open(self.inner.session.clone(), source.clone(), prefetch, settle).await?;

@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use courier_core::{
-    headers, Acknowledger, Consumer, ConsumerOptions, Delivery, Destination, Error, Feature, Message, MessageId,
-    Result, Source,
+    Acknowledger, Consumer, ConsumerOptions, DeadLetter, Delivery, Error, Feature, Message, MessageId, Result,
+    SettlePolicy, Source,
 };
 use futures::FutureExt;
 use rdkafka::config::RDKafkaLogLevel;
@@ -161,12 +161,11 @@ impl State {
 /// What consumers, their deliveries and the rebalance callback share.
 pub(crate) struct ConsumerShared {
     broker: Arc<Inner>,
-    source: Source,
+    /// Core's policy: the source, the attempt limit and the dead-letter destination.
+    policy: Arc<SettlePolicy>,
     retry_topic: String,
     /// Partitions of the retry topic (copies go to `partition % this`).
     retry_partitions: i32,
-    dead_letter: Destination,
-    max_attempts: Option<u32>,
     prefetch: usize,
     state: Mutex<State>,
     /// Wakes a receive waiting for room under `prefetch` or for a key to free up.
@@ -240,7 +239,7 @@ impl ConsumerShared {
                 attempt: p.received.attempt,
                 message: p.received.message.clone(),
             };
-            out.push(Delivery::new(p.received.message, p.received.attempt, self.source.clone(), Box::new(acker)));
+            out.push(Delivery::new(p.received.message, p.received.attempt, Box::new(acker)));
         }
         for p in waiting {
             let key = p.received.message.ordering_key.clone().expect("only keyed messages wait");
@@ -348,14 +347,11 @@ impl KafkaConsumer {
         let partitions = broker.ensure_topic(&topic, None).await?;
         // As many retry partitions as the source has: a copy keeps its partition number.
         let retry_partitions = broker.ensure_topic(&retry_topic, Some(partitions)).await?;
-        let dead_letter = options.dead_letter_for(&source);
         let shared = Arc::new(ConsumerShared {
             broker: broker.clone(),
-            source,
+            policy: options.settle_policy(&source),
             retry_topic: retry_topic.clone(),
             retry_partitions,
-            dead_letter,
-            max_attempts: options.max_attempts,
             prefetch: options.prefetch.max(1),
             state: Mutex::default(),
             settled: tokio::sync::Notify::new(),
@@ -408,7 +404,7 @@ fn read(record: std::result::Result<rdkafka::message::BorrowedMessage<'_>, rdkaf
 #[async_trait]
 impl Consumer for KafkaConsumer {
     fn source(&self) -> &Source {
-        &self.shared.source
+        self.shared.policy.source()
     }
 
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
@@ -447,7 +443,7 @@ impl Consumer for KafkaConsumer {
                     Ok((topic, partition, offset, received)) => self.shared.accept(&topic, partition, offset, received),
                     Err(e) => {
                         // librdkafka reconnects by itself; errors here are reports.
-                        tracing::warn!(source = %self.shared.source, error = %e, "kafka consumer error");
+                        tracing::warn!(source = %self.shared.policy.source(), error = %e, "kafka consumer error");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         break;
                     }
@@ -498,33 +494,19 @@ impl KafkaAcker {
         }
         Ok(())
     }
-
-    async fn dead_letter(&self, reason: &str) -> Result<()> {
-        self.check_held()?;
-        let topic = self.shared.dead_letter.name().as_str();
-        self.shared.broker.ensure_topic(topic, None).await?;
-        let attempts = self.attempt.to_string();
-        let origin = self.shared.source.to_string();
-        let extra = [
-            (headers::DEAD_LETTER_REASON, reason),
-            (headers::DEAD_LETTER_ATTEMPTS, attempts.as_str()),
-            (headers::DEAD_LETTER_ORIGIN, origin.as_str()),
-        ];
-        self.shared.broker.produce(topic, None, &self.message, &extra).await?;
-        self.shared.settle(self, true)
-    }
 }
 
 #[async_trait]
 impl Acknowledger for KafkaAcker {
+    fn policy(&self) -> &SettlePolicy {
+        &self.shared.policy
+    }
+
     async fn ack(&self) -> Result<()> {
         self.shared.settle(self, true)
     }
 
-    async fn retry(&self, delay: Option<Duration>) -> Result<()> {
-        if let Some(max) = self.shared.max_attempts.filter(|max| self.attempt >= *max) {
-            return self.dead_letter(&format!("max attempts ({max}) reached on retry")).await;
-        }
+    async fn redeliver(&self, delay: Option<Duration>) -> Result<()> {
         self.check_held()?;
         let attempt = (self.attempt + 1).to_string();
         let delay = delay.unwrap_or_default();
@@ -549,8 +531,14 @@ impl Acknowledger for KafkaAcker {
         self.shared.settle(self, false)
     }
 
-    async fn reject(&self, reason: &str) -> Result<()> {
-        self.dead_letter(reason).await
+    async fn dead_letter(&self, letter: &DeadLetter) -> Result<()> {
+        self.check_held()?;
+        let topic = letter.destination().name().as_str();
+        self.shared.broker.ensure_topic(topic, None).await?;
+        let headers = letter.headers();
+        let extra: Vec<(&str, &str)> = headers.iter().map(|(name, value)| (*name, value.as_str())).collect();
+        self.shared.broker.produce(topic, None, &self.message, &extra).await?;
+        self.shared.settle(self, true)
     }
 
     async fn extend_lease(&self, _by: Duration) -> Result<()> {

@@ -8,6 +8,10 @@
 //! `security_protocol=…`, `sasl_mechanism=…`, and any librdkafka setting by its dotted
 //! name (`?fetch.min.bytes=1024`), passed to every client as it is.
 //!
+//! Each clause of the contract (`docs/contract.md` in the repository) on Kafka. Core's
+//! receipt decides retry versus dead letter and builds the dead letter's headers; this
+//! adapter carries out what it decided.
+//!
 //! | Courier | Kafka |
 //! |---|---|
 //! | queue `q` | topic `q`, consumed by the group `q` (consumers compete for partitions) |
@@ -17,8 +21,8 @@
 //! | no ordering key | a partition picked at random per message (`sticky.partitioning.linger.ms=0`), so the consumers of a queue share even a short burst |
 //! | headers, id, content type | record headers (`courier-id`, `content-type`); CloudEvents `ce_` headers are read too (`ce_id` is the id when `courier-id` is absent) |
 //! | ack | the offset, committed once every earlier offset of its partition is settled |
-//! | retry (with delay) | a copy to the retry topic `<group>.retry` with `courier-attempt` and `courier-not-before`, then ack |
-//! | reject, max attempts | a copy to the dead-letter topic (`<queue>.dlq`) with the reason headers, then ack |
+//! | redeliver (a retry core allows, with delay) | a copy to the retry topic `<group>.retry` with `courier-attempt` and `courier-not-before`, then ack |
+//! | dead letter (a reject, or a failure of the last attempt) | a copy to the dead-letter topic (`<queue>.dlq`) with core's reason, attempts and origin headers, then ack |
 //! | lease | until the offset is committed or the partition is taken away (`Unsupported`: expiry, extension) |
 //! | delayed send, dedup ids, stats, purge | `Unsupported` |
 //!

@@ -11,6 +11,10 @@
 //! default 1: a receive of more than 10 messages makes up to N ReceiveMessage calls in
 //! parallel, for throughput when each call's round trip is the limit).
 //!
+//! Each clause of the contract (`docs/contract.md` in the repository) on SQS. Core's
+//! receipt decides retry versus dead letter and builds the dead letter's headers; this
+//! adapter carries out what it decided.
+//!
 //! | Courier | SQS |
 //! |---|---|
 //! | queue | queue (a `.fifo` name is a FIFO queue; other `.` become `_`, as SQS names allow no dots) |
@@ -23,9 +27,9 @@
 //! | receive | ReceiveMessage, long polling up to 20 s, up to 10 per call, `pollers` calls in parallel |
 //! | attempt | `ApproximateReceiveCount` |
 //! | ack | DeleteMessage |
-//! | retry (with delay) | ChangeMessageVisibility to 0 (or the delay, rounded up to whole seconds) |
+//! | redeliver (a retry core allows, with delay) | ChangeMessageVisibility to 0 (or the delay, rounded up to whole seconds) |
 //! | lease, extension | the visibility timeout (whole seconds), ChangeMessageVisibility |
-//! | reject, max attempts | a send to the dead-letter queue (`<queue>.dlq`, SQS name `<queue>_dlq`) with the reason headers, then DeleteMessage |
+//! | dead letter (a reject, or a failure of the last attempt) | a send to the dead-letter queue (`<queue>.dlq`, SQS name `<queue>_dlq`) with core's reason, attempts and origin headers, then DeleteMessage |
 //! | stats | ApproximateNumberOfMessages(NotVisible, Delayed) |
 //! | purge | PurgeQueue (SQS allows one per queue per minute) |
 
@@ -42,8 +46,8 @@ use async_trait::async_trait;
 use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName, SendMessageBatchRequestEntry};
 use aws_sdk_sqs::Client;
 use courier_core::{
-    headers, redact_url, Acknowledger, Broker, Capabilities, Consumer, ConsumerOptions, Delivery, Destination, Error,
-    Feature, Message, MessageId, Result, Source, Stats,
+    redact_url, Acknowledger, Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Delivery, Destination,
+    Error, Feature, Message, MessageId, Result, SettlePolicy, Source, Stats,
 };
 
 /// The backend's name in capabilities and errors.
@@ -416,18 +420,12 @@ impl Broker for SqsBroker {
         self.inner.check_open()?;
         let queue = source_queue(source, &self.inner.capabilities)?;
         let url = self.inner.queue_url(&queue).await?;
-        let dead_letter = queue_of(&options.dead_letter_for(source), &self.inner.capabilities)?;
-        self.inner.queue_url(&dead_letter).await?;
+        let policy = options.settle_policy(source);
+        // The dead-letter queue must exist before the first message fails.
+        self.inner.queue_url(&queue_of(policy.dead_letter(), &self.inner.capabilities)?).await?;
         let (deletes, pending) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(delete_in_batches(self.clone(), url.clone(), pending));
-        let shared = Arc::new(Shared {
-            deletes,
-            broker: self.clone(),
-            url: url.clone(),
-            dead_letter,
-            source: source.clone(),
-            max_attempts: options.max_attempts,
-        });
+        let shared = Arc::new(Shared { deletes, broker: self.clone(), url: url.clone(), policy });
         Ok(Box::new(SqsConsumer {
             shared,
             source: source.clone(),
@@ -562,10 +560,9 @@ impl Consumer for SqsConsumer {
                             consumer: self.shared.clone(),
                             handle,
                             id: message.id.clone(),
-                            attempt,
                             message: message.clone(),
                         };
-                        Ok(Delivery::new(message, attempt, self.source.clone(), Box::new(acker)))
+                        Ok(Delivery::new(message, attempt, Box::new(acker)))
                     })
                     .collect();
             }
@@ -593,16 +590,15 @@ struct Shared {
     deletes: tokio::sync::mpsc::UnboundedSender<PendingDelete>,
     broker: SqsBroker,
     url: String,
-    dead_letter: String,
-    source: Source,
-    max_attempts: Option<u32>,
+    /// Core's policy: the source, the attempt limit and the dead-letter destination.
+    policy: Arc<SettlePolicy>,
 }
 
 struct SqsAcker {
     consumer: Arc<Shared>,
     handle: String,
     id: MessageId,
-    attempt: u32,
+    /// Dead-lettering sends a copy of the message (SQS has no move between queues).
     message: Message,
 }
 
@@ -634,34 +630,27 @@ impl SqsAcker {
             })?;
         Ok(())
     }
-
-    async fn dead_letter(&self, reason: &str) -> Result<()> {
-        let dead = self
-            .message
-            .clone()
-            .with_header(headers::DEAD_LETTER_REASON, reason)
-            .with_header(headers::DEAD_LETTER_ATTEMPTS, self.attempt.to_string())
-            .with_header(headers::DEAD_LETTER_ORIGIN, self.consumer.source.to_string());
-        self.consumer.broker.inner.send_one(&self.consumer.dead_letter, &dead).await?;
-        self.delete().await
-    }
 }
 
 #[async_trait]
 impl Acknowledger for SqsAcker {
+    fn policy(&self) -> &SettlePolicy {
+        &self.consumer.policy
+    }
+
     async fn ack(&self) -> Result<()> {
         self.delete().await
     }
 
-    async fn retry(&self, delay: Option<Duration>) -> Result<()> {
-        if let Some(max) = self.consumer.max_attempts.filter(|max| self.attempt >= *max) {
-            return self.dead_letter(&format!("max attempts ({max}) reached on retry")).await;
-        }
+    async fn redeliver(&self, delay: Option<Duration>) -> Result<()> {
         self.visibility(delay.map(whole_seconds).unwrap_or(0)).await
     }
 
-    async fn reject(&self, reason: &str) -> Result<()> {
-        self.dead_letter(reason).await
+    async fn dead_letter(&self, letter: &DeadLetter) -> Result<()> {
+        let queue = queue_of(letter.destination(), &self.consumer.broker.inner.capabilities)?;
+        let dead = letter.apply(self.message.clone());
+        self.consumer.broker.inner.send_one(&queue, &dead).await?;
+        self.delete().await
     }
 
     async fn extend_lease(&self, by: Duration) -> Result<()> {

@@ -30,7 +30,7 @@ pub mod sqs;
 
 use std::sync::Arc;
 
-use courier_core::{headers, Destination, DynBroker, Error};
+use courier_core::{DeadLetter, Destination, DynBroker, Error};
 
 use crate::handler::{BoxFuture, Handler, Incoming, Outcome};
 
@@ -135,12 +135,8 @@ impl Trigger {
         reason: String,
     ) -> Option<courier_core::Result<()>> {
         let (broker, destination) = self.dead_letter.as_ref()?;
-        let dead = incoming
-            .message
-            .with_header(headers::DEAD_LETTER_REASON, reason)
-            .with_header(headers::DEAD_LETTER_ATTEMPTS, incoming.attempt.to_string())
-            .with_header(headers::DEAD_LETTER_ORIGIN, incoming.source.to_string());
-        Some(broker.send(destination, dead).await.map(|_| ()))
+        let letter = DeadLetter::new(reason, incoming.attempt, incoming.source, destination.clone());
+        Some(broker.send(destination, letter.apply(incoming.message)).await.map(|_| ()))
     }
 }
 

@@ -1,16 +1,19 @@
-//! The one retry owner: exponential backoff with jitter, then the dead-letter destination.
+//! The failure policy of a consumer: how many deliveries a message gets and how far
+//! apart, before it goes to the dead-letter destination.
 
 use std::time::Duration;
 
 /// How often and how far apart a failing message is retried before it is dead-lettered.
 ///
-/// The worker and triggers own this decision; brokers are configured with the same
-/// attempt limit only to catch messages whose handler never settled (a crash), so
-/// retries never compound.
+/// One value, one owner: a consumer carries its policy in
+/// [`ConsumerOptions::retry`](crate::ConsumerOptions::retry), and every [`Receipt`](crate::Receipt)
+/// of that consumer decides retry versus dead letter from it. A backend never decides; it
+/// uses [`SettlePolicy::is_last`](crate::SettlePolicy::is_last) with the same value where only it can
+/// count attempts (a lease that expired).
 ///
 /// ```
 /// use std::time::Duration;
-/// use courier::RetryPolicy;
+/// use courier_core::RetryPolicy;
 ///
 /// let policy = RetryPolicy::default().max_attempts(4).backoff(Duration::from_millis(100), Duration::from_secs(10));
 /// assert!(policy.is_last(4));
@@ -19,7 +22,7 @@ use std::time::Duration;
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryPolicy {
-    /// Deliveries in all, including the first. At least 1.
+    /// Deliveries in all, including the first. At least 1; `u32::MAX` retries forever.
     pub max_attempts: u32,
     /// The delay after the first failure.
     pub initial_backoff: Duration,
@@ -47,6 +50,13 @@ impl RetryPolicy {
     /// Sets the attempt limit.
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.max_attempts = n.max(1);
+        self
+    }
+
+    /// Retries forever: no delivery is the last (a poison message then never leaves
+    /// its source unless a handler rejects it).
+    pub fn unlimited_attempts(mut self) -> Self {
+        self.max_attempts = u32::MAX;
         self
     }
 
