@@ -7,6 +7,8 @@
 //!   received message, settled exactly once by ack, retry or reject.
 //! - [`Capabilities`]: what a backend can do; asking for more is an [`Error::Unsupported`].
 //! - [`Error`]: one error type that says whether retrying can help.
+//! - [`backend`]: the kit for backend authors: URL parsing with typed options, the
+//!   closed guard.
 //! - `conformance` (feature): the contract's test cases, run by every backend.
 //!
 //! Backends: `courier-local` (in-process, every feature), and adapters for RabbitMQ,
@@ -20,11 +22,13 @@ mod delivery;
 mod destination;
 mod error;
 mod message;
-mod url;
+
+pub mod backend;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use backend::redact_url;
 pub use broker::{Broker, Consumer, ConsumerOptions, DynBroker, Stats};
 pub use bytes::Bytes;
 pub use capabilities::{Capabilities, Feature};
@@ -33,4 +37,3 @@ pub use delivery::{Acknowledger, Delivery, Receipt};
 pub use destination::{Destination, Name, Source, MAX_NAME_LEN};
 pub use error::{BoxError, Error, Result};
 pub use message::{headers, Headers, Message, MessageId};
-pub use url::redact_url;
