@@ -58,7 +58,7 @@ use crate::error::{Error, Result};
 /// );
 /// # Ok::<(), courier_core::Error>(())
 /// ```
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct UrlOptions {
     scheme: String,
     pairs: Vec<Pair>,
@@ -80,7 +80,8 @@ impl UrlOptions {
     /// scheme names the options in errors. [`BackendUrl::parse`](super::BackendUrl::parse)
     /// calls this; call it directly for a query that arrives on its own.
     pub fn parse(scheme: &str, query: &str) -> Result<Self> {
-        let mut options = UrlOptions { scheme: scheme.to_owned(), ..UrlOptions::default() };
+        let mut options =
+            UrlOptions { scheme: scheme.to_owned(), pairs: Vec::new(), asked: Vec::new(), passthrough: Vec::new() };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             let key = percent_decode(key).ok_or_else(|| {

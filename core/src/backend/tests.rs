@@ -47,6 +47,11 @@ fn passwords_keep_every_character() {
     let debug = format!("{url:?}");
     assert!(!debug.contains("p@ss"), "{debug}");
     assert!(!url.redacted().contains("p@ss"), "{}", url.redacted());
+    // An unencoded `/` in a password cannot be told from a path; the error shows none of it.
+    let (_, message) = config_error(BackendUrl::parse("amqp://u:se/cret@h/vhost"));
+    assert!(!message.contains("se") && !message.contains("cret"), "{message}");
+    assert!(message.contains("%2F"), "{message}");
+    assert_eq!(redact_url("amqp://u:12/cret@h/v?x=1"), "amqp://***@h/v?x=1");
     let (key, message) = config_error(BackendUrl::parse("kafka://u:%FF@h"));
     assert_eq!((key.as_str(), message.as_str()), ("kafka URL", "the password is not UTF-8 once percent-decoded"));
 }

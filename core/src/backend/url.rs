@@ -136,7 +136,15 @@ impl BackendUrl {
                 .split(',')
                 .map(parse_host)
                 .collect::<std::result::Result<Vec<_>, String>>()
-                .map_err(|why| invalid(format!("{why} in {}", redact_url(url))))?
+                .map_err(|why| match path {
+                    // The "host" may be the start of a password with an unencoded `/`: say
+                    // so, and show none of it.
+                    Some(path) if path.contains('@') => invalid(format!(
+                        "{} has no valid host before its first /; if the password has a / or ?, write them as %2F and %3F",
+                        redact_url(url)
+                    )),
+                    _ => invalid(format!("{why} in {}", redact_url(url))),
+                })?
         };
         let path = path.map(|p| decode("path", p)).transpose()?;
         let options = UrlOptions::parse(&scheme, query.unwrap_or(""))?;
@@ -328,9 +336,14 @@ pub fn redact_url(url: &str) -> String {
         Some((h, q)) => (h, Some(q)),
         None => (url, None),
     };
-    let mut out = match head.split_once("://") {
+    let out = match head.split_once("://") {
         Some((scheme, rest)) => {
             let (authority, path) = rest.split_once('/').map(|(a, p)| (a, Some(p))).unwrap_or((rest, None));
+            // A password with an unencoded `/` puts part of it in what looks like the path:
+            // hide everything up to the last `@` rather than show it.
+            if let Some((_, after)) = path.and_then(|p| p.rsplit_once('@')) {
+                return redact_query(format!("{scheme}://***@{after}"), query);
+            }
             let authority = match authority.rsplit_once('@') {
                 Some((userinfo, host)) => match userinfo.split_once(':') {
                     Some((user, _)) => format!("{user}:***@{host}"),
@@ -345,6 +358,11 @@ pub fn redact_url(url: &str) -> String {
         }
         None => head.to_owned(),
     };
+    redact_query(out, query)
+}
+
+/// `head` with `?query` appended, secret-looking values replaced by `***`.
+fn redact_query(mut out: String, query: Option<&str>) -> String {
     if let Some(query) = query {
         let redacted: Vec<String> = query
             .split('&')
