@@ -9,6 +9,8 @@
 //!   [`RetryPolicy`], and [`DeadLetter`] builds every dead letter's headers.
 //! - [`Capabilities`]: what a backend can do; asking for more is an [`Error::Unsupported`].
 //! - [`Error`]: one error type that says whether retrying can help.
+//! - [`backend`]: the kit for backend authors: URL parsing with typed options, the
+//!   closed guard.
 //! - `conformance` (feature): the contract's test cases, run by every backend.
 //!
 //! The contract itself, clause by clause, is `docs/contract.md` in the repository, and
@@ -26,11 +28,13 @@ mod destination;
 mod error;
 mod message;
 mod retry;
-mod url;
+
+pub mod backend;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use backend::redact_url;
 pub use broker::{Broker, Consumer, ConsumerOptions, DynBroker, Stats};
 pub use bytes::Bytes;
 pub use capabilities::{Capabilities, Feature};
@@ -40,4 +44,3 @@ pub use destination::{Destination, Name, Source, MAX_NAME_LEN};
 pub use error::{BoxError, Error, Result};
 pub use message::{headers, Headers, Message, MessageId};
 pub use retry::RetryPolicy;
-pub use url::redact_url;

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use courier_core::backend::BackendUrl;
 pub use courier_core::redact_url;
 use courier_core::{DynBroker, Error, Result};
 
@@ -28,30 +29,26 @@ pub const SCHEMES: &[&str] = &["memory", "amqp", "amqps", "kafka", "sqs"];
 /// # Ok(()) }
 /// ```
 pub async fn connect(url: &str) -> Result<DynBroker> {
-    let scheme = url.split_once("://").map(|(s, _)| s).ok_or_else(|| {
-        Error::config(
-            "backend",
-            format!("{:?} is not a URL; write it like memory:// or amqp://host:5672", redact_url(url)),
-        )
-    })?;
-    match scheme {
-        "memory" => Ok(Arc::new(courier_local::LocalBroker::from_url(url)?)),
+    // Parsed once here; the backend chosen by the scheme reads the rest.
+    let url = BackendUrl::parse(url)?;
+    match url.scheme() {
+        "memory" => Ok(Arc::new(courier_local::LocalBroker::from_backend_url(url)?)),
         #[cfg(feature = "amqp")]
-        "amqp" | "amqps" => Ok(Arc::new(courier_amqp::AmqpBroker::connect(url).await?)),
+        "amqp" | "amqps" => Ok(Arc::new(courier_amqp::AmqpBroker::connect_url(url).await?)),
         #[cfg(not(feature = "amqp"))]
-        "amqp" | "amqps" => Err(Error::config(
+        scheme @ ("amqp" | "amqps") => Err(Error::config(
             "backend",
             format!("{scheme}:// needs the `amqp` feature of the courier crate (on by default), which this build does not have"),
         )),
         #[cfg(feature = "sqs")]
-        "sqs" => Ok(Arc::new(courier_sqs::SqsBroker::connect(url).await?)),
+        "sqs" => Ok(Arc::new(courier_sqs::SqsBroker::connect_url(url).await?)),
         #[cfg(not(feature = "sqs"))]
         "sqs" => Err(Error::config(
             "backend",
             "sqs:// needs the `sqs` feature of the courier crate, which this build does not have; rebuild with `--features sqs`",
         )),
         #[cfg(feature = "kafka")]
-        "kafka" => Ok(Arc::new(courier_kafka::KafkaBroker::connect(url).await?)),
+        "kafka" => Ok(Arc::new(courier_kafka::KafkaBroker::connect_url(url).await?)),
         #[cfg(not(feature = "kafka"))]
         "kafka" => Err(Error::config(
             "backend",
@@ -59,7 +56,7 @@ pub async fn connect(url: &str) -> Result<DynBroker> {
         )),
         other => Err(Error::config(
             "backend",
-            format!("unknown scheme {other:?} in {}; expected one of {}", redact_url(url), SCHEMES.join(", ")),
+            format!("unknown scheme {other:?} in {}; expected one of {}", url.redacted(), SCHEMES.join(", ")),
         )),
     }
 }

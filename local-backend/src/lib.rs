@@ -34,11 +34,12 @@ mod entry;
 mod queue;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use courier_core::backend::{BackendUrl, OpenGuard};
 use courier_core::{
     Acknowledger, Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Delivery, Destination, Error, Message,
     MessageId, Name, Result, SettlePolicy, Source, Stats,
@@ -95,49 +96,33 @@ impl Default for LocalConfig {
 impl LocalConfig {
     /// Reads settings from a `memory://` URL's query: `capacity` (messages),
     /// `when_full` (`wait` or `error`), `dedup_window_secs`, `max_payload` (bytes).
+    /// Other options are errors, as are a host, credentials or a path.
     pub fn from_url(url: &str) -> Result<Self> {
-        let rest = url.strip_prefix("memory://").ok_or_else(|| {
-            Error::config("url", format!("the in-process backend takes memory:// URLs, not {:?}", scheme_of(url)))
-        })?;
-        let mut config = LocalConfig::default();
-        let query = rest.split_once('?').map(|(_, q)| q).unwrap_or("");
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let number = |what: &str| {
-                value.parse::<u64>().map_err(|_| {
-                    Error::config(format!("memory.{key}"), format!("expected a whole number of {what}, got {value:?}"))
-                })
-            };
-            match key {
-                "capacity" => config.capacity = Some(number("messages")? as usize),
-                "when_full" => {
-                    config.when_full = match value {
-                        "wait" => WhenFull::Wait,
-                        "error" => WhenFull::Error,
-                        _ => {
-                            return Err(Error::config(
-                                "memory.when_full",
-                                format!("expected wait or error, got {value:?}"),
-                            ))
-                        }
-                    }
-                }
-                "dedup_window_secs" => config.dedup_window = Duration::from_secs(number("seconds")?),
-                "max_payload" => config.max_payload = number("bytes")? as usize,
-                _ => {
-                    return Err(Error::config(
-                        format!("memory.{key}"),
-                        "unknown option; the in-process backend takes capacity, when_full, dedup_window_secs and max_payload",
-                    ))
-                }
-            }
+        Self::from_backend_url(BackendUrl::parse(url)?)
+    }
+
+    /// Reads settings from a parsed `memory://` URL (see [`from_url`](Self::from_url)).
+    pub fn from_backend_url(mut url: BackendUrl) -> Result<Self> {
+        url.expect_scheme("in-process", &["memory"])?;
+        if url.user().is_some() || !url.hosts().is_empty() || url.path().is_some_and(|p| !p.is_empty()) {
+            return Err(url.error(format!(
+                "{} names a host, credentials or a path, which the in-process backend does not take; write memory://?options",
+                url.redacted()
+            )));
         }
+        let defaults = LocalConfig::default();
+        let options = url.options();
+        let config = LocalConfig {
+            capacity: options.take_number("capacity", ..)?,
+            when_full: options
+                .take_enum("when_full", &[("wait", WhenFull::Wait), ("error", WhenFull::Error)])?
+                .unwrap_or(defaults.when_full),
+            dedup_window: options.take_secs("dedup_window_secs", ..)?.unwrap_or(defaults.dedup_window),
+            max_payload: options.take_number("max_payload", ..)?.unwrap_or(defaults.max_payload),
+        };
+        options.finish()?;
         Ok(config)
     }
-}
-
-fn scheme_of(url: &str) -> &str {
-    url.split_once("://").map(|(s, _)| s).unwrap_or(url)
 }
 
 /// The in-process broker. Cheap to clone: clones share the same queues.
@@ -154,7 +139,7 @@ pub(crate) struct BrokerInner {
     queues: RwLock<HashMap<Name, Arc<Queue>>>,
     topics: RwLock<HashMap<Name, Subscriptions>>,
     dedup: Mutex<HashMap<Destination, DedupWindow>>,
-    closed: AtomicBool,
+    open: OpenGuard,
     next_consumer: AtomicU64,
     me: std::sync::Weak<BrokerInner>,
 }
@@ -186,7 +171,7 @@ impl LocalBroker {
             queues: RwLock::default(),
             topics: RwLock::default(),
             dedup: Mutex::default(),
-            closed: AtomicBool::new(false),
+            open: OpenGuard::new("broker"),
             next_consumer: AtomicU64::new(1),
             me: me.clone(),
         });
@@ -196,6 +181,11 @@ impl LocalBroker {
     /// A broker configured by a `memory://` URL (see [`LocalConfig::from_url`]).
     pub fn from_url(url: &str) -> Result<Self> {
         Ok(Self::with_config(LocalConfig::from_url(url)?))
+    }
+
+    /// A broker configured by a parsed `memory://` URL (see [`LocalConfig::from_url`]).
+    pub fn from_backend_url(url: BackendUrl) -> Result<Self> {
+        Ok(Self::with_config(LocalConfig::from_backend_url(url)?))
     }
 }
 
@@ -208,14 +198,6 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 impl BrokerInner {
-    fn check_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            Err(Error::Closed { what: "broker" })
-        } else {
-            Ok(())
-        }
-    }
-
     fn new_queue(&self, source: Source) -> Arc<Queue> {
         Queue::start(source, self.config.capacity, self.config.when_full, self.me.clone())
     }
@@ -290,7 +272,7 @@ impl BrokerInner {
     }
 
     async fn send_all(&self, destination: &Destination, mut messages: Vec<Message>) -> Result<Vec<MessageId>> {
-        self.check_open()?;
+        self.open.check()?;
         self.caps.check_batch(&messages)?;
         let ids = self.dedup(destination, &mut messages);
         let ids = ids.unwrap_or_else(|| messages.iter().map(|m| m.id.clone()).collect());
@@ -375,7 +357,7 @@ impl Broker for LocalBroker {
     }
 
     async fn consumer(&self, source: &Source, options: ConsumerOptions) -> Result<Box<dyn Consumer>> {
-        self.inner.check_open()?;
+        self.inner.open.check()?;
         let queue = self.inner.source_queue(source);
         let settle = options.settle_policy(source);
         let policy = Arc::new(ConsumerPolicy {
@@ -384,27 +366,27 @@ impl Broker for LocalBroker {
             settle: settle.clone(),
         });
         let handle = Arc::new(ConsumerHandle { queue, settle });
-        Ok(Box::new(LocalConsumer { handle, source: source.clone(), policy, closed: AtomicBool::new(false) }))
+        Ok(Box::new(LocalConsumer { handle, source: source.clone(), policy, open: OpenGuard::new("consumer") }))
     }
 
     async fn declare(&self, source: &Source) -> Result<()> {
-        self.inner.check_open()?;
+        self.inner.open.check()?;
         self.inner.source_queue(source);
         Ok(())
     }
 
     async fn stats(&self, source: &Source) -> Result<Stats> {
-        self.inner.check_open()?;
+        self.inner.open.check()?;
         Ok(self.inner.existing_queue(source)?.stats())
     }
 
     async fn purge(&self, source: &Source) -> Result<u64> {
-        self.inner.check_open()?;
+        self.inner.open.check()?;
         Ok(self.inner.existing_queue(source)?.purge())
     }
 
     async fn close(&self) -> Result<()> {
-        self.inner.closed.store(true, Ordering::Release);
+        self.inner.open.close();
         let mut queues: Vec<Arc<Queue>> = read(&self.inner.queues).values().cloned().collect();
         for subs in read(&self.inner.topics).values() {
             queues.extend(read(subs).values().cloned());
@@ -428,7 +410,7 @@ struct LocalConsumer {
     handle: Arc<ConsumerHandle>,
     source: Source,
     policy: Arc<ConsumerPolicy>,
-    closed: AtomicBool,
+    open: OpenGuard,
 }
 
 #[async_trait]
@@ -438,7 +420,7 @@ impl Consumer for LocalConsumer {
     }
 
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
-        let taken = self.handle.queue.take(max, wait, &self.policy, &self.closed).await?;
+        let taken = self.handle.queue.take(max, wait, &self.policy, &self.open).await?;
         Ok(taken
             .into_iter()
             .map(|(tag, attempt, message)| {
@@ -449,7 +431,7 @@ impl Consumer for LocalConsumer {
     }
 
     async fn close(&self) -> Result<()> {
-        if !self.closed.swap(true, Ordering::AcqRel) {
+        if self.open.close() {
             self.handle.queue.release_consumer(self.policy.id);
         }
         Ok(())

@@ -292,7 +292,7 @@ impl Queue {
         max: usize,
         wait: Duration,
         policy: &Arc<ConsumerPolicy>,
-        consumer_closed: &std::sync::atomic::AtomicBool,
+        consumer: &courier_core::backend::OpenGuard,
     ) -> Result<Vec<(u64, u32, courier_core::Message)>> {
         let started = Instant::now();
         let deadline = started + wait;
@@ -303,9 +303,7 @@ impl Queue {
             tokio::pin!(notified);
             notified.as_mut().enable();
             {
-                if consumer_closed.load(std::sync::atomic::Ordering::Acquire) {
-                    return Err(Error::Closed { what: "consumer" });
-                }
+                consumer.check()?;
                 let mut st = self.lock();
                 if st.closed {
                     return Err(Error::Closed { what: "broker" });

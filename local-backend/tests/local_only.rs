@@ -99,13 +99,21 @@ async fn dedup_ids_are_forgotten_after_the_window() {
 #[test]
 fn url_options_are_checked_with_the_key_named() {
     let err = LocalConfig::from_url("memory://?capacity=lots").unwrap_err();
-    assert_eq!(err.to_string(), "configuration memory.capacity: expected a whole number of messages, got \"lots\"");
+    assert_eq!(
+        err.to_string(),
+        "configuration memory URL option capacity: \"lots\" is not valid; expected a whole number"
+    );
     let err = LocalConfig::from_url("memory://?when_full=drop").unwrap_err();
     assert!(err.to_string().contains("expected wait or error"), "{err}");
     let err = LocalConfig::from_url("memory://?colour=blue").unwrap_err();
-    assert!(err.to_string().contains("memory.colour: unknown option"), "{err}");
+    assert!(err.to_string().contains("memory URL option colour: is not an option"), "{err}");
+    assert!(err.to_string().contains("capacity=N, when_full=wait|error"), "{err}");
     let err = LocalConfig::from_url("amqp://localhost").unwrap_err();
     assert!(err.to_string().contains("memory:// URLs"), "{err}");
+    let err = LocalConfig::from_url("memory://?capacity=1&capacity=2").unwrap_err();
+    assert!(err.to_string().contains("memory URL option capacity: is given twice"), "{err}");
+    let err = LocalConfig::from_url("memory://somewhere").unwrap_err();
+    assert!(err.to_string().contains("names a host"), "{err}");
     let ok = LocalConfig::from_url("memory://?capacity=10&when_full=wait&dedup_window_secs=5&max_payload=100").unwrap();
     assert_eq!((ok.capacity, ok.dedup_window, ok.max_payload), (Some(10), Duration::from_secs(5), 100));
 }

@@ -2,15 +2,17 @@
 
 use std::time::Duration;
 
-use courier_core::{redact_url, Error, Result};
+use courier_core::backend::BackendUrl;
+use courier_core::{redact_url, Result};
 
 /// How the adapter treats queues, exchanges and bindings it needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeclareMode {
     /// Create what is missing (idempotent; the default).
     Create,
-    /// Only check that it exists; a missing one is [`Error::NotFound`]. For brokers whose
-    /// topology is owned by operators or infrastructure code.
+    /// Only check that it exists; a missing one is
+    /// [`Error::NotFound`](courier_core::Error::NotFound). For brokers whose topology is
+    /// owned by operators or infrastructure code.
     Verify,
 }
 
@@ -27,8 +29,10 @@ pub enum QueueType {
 /// Settings of an [`AmqpBroker`](crate::AmqpBroker), usually read from its URL.
 ///
 /// Courier's options ride in the URL's query next to lapin's own (`heartbeat`,
-/// `connection_timeout`, `channel_max`, `frame_max`, `auth_mechanism`, and for
-/// `amqps://` the TLS settings), and are removed before the URL reaches lapin:
+/// `connection_timeout` in milliseconds, `channel_max`, `frame_max`, `auth_mechanism`),
+/// which are checked and handed on to lapin; Courier's are removed before the URL reaches
+/// lapin. Any other option is an error that names it (the rules are those of
+/// [`UrlOptions`](courier_core::backend::UrlOptions)):
 ///
 /// | option | values | default |
 /// |---|---|---|
@@ -69,65 +73,57 @@ pub struct AmqpConfig {
 impl AmqpConfig {
     /// Reads an `amqp://` or `amqps://` URL.
     pub fn from_url(url: &str) -> Result<Self> {
-        let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or_default();
-        if scheme != "amqp" && scheme != "amqps" {
-            return Err(Error::config("url", format!("{} is not an amqp:// or amqps:// URL", redact_url(url))));
-        }
-        let (head, query) = url.split_once('?').unwrap_or((url, ""));
-        let mut config = AmqpConfig {
-            uri: String::new(),
-            declare: DeclareMode::Create,
-            queue_type: QueueType::Classic,
-            prefetch: None,
-            reconnect_timeout: Duration::from_secs(30),
-            tls_ca_pem: None,
-            queue_expires: None,
+        Self::from_backend_url(BackendUrl::parse(url)?)
+    }
+
+    /// Reads a parsed `amqp://` or `amqps://` URL.
+    pub fn from_backend_url(mut url: BackendUrl) -> Result<Self> {
+        url.expect_scheme(crate::BACKEND, &["amqp", "amqps"])?;
+        let options = url.options();
+        let declare =
+            options.take_enum("declare", &[("create", DeclareMode::Create), ("verify", DeclareMode::Verify)])?;
+        let queue_type =
+            options.take_enum("queue_type", &[("classic", QueueType::Classic), ("quorum", QueueType::Quorum)])?;
+        let prefetch = options.take_number("prefetch", 1..=u16::MAX)?;
+        let reconnect_timeout = options.take_secs("reconnect_timeout_secs", ..)?;
+        let queue_expires = options.take_secs("queue_expires_secs", 1..)?;
+        let tls_ca_pem = match options.take_str("tls_ca_file") {
+            None => None,
+            Some(path) => Some(
+                std::fs::read_to_string(&path)
+                    .map_err(|e| options.error("tls_ca_file", format!("cannot read {path:?}: {e}")))?,
+            ),
         };
-        let mut passthrough = Vec::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            match key {
-                "declare" => {
-                    config.declare = match value {
-                        "create" => DeclareMode::Create,
-                        "verify" => DeclareMode::Verify,
-                        _ => return Err(bad(key, value, "create or verify")),
-                    }
-                }
-                "queue_type" => {
-                    config.queue_type = match value {
-                        "classic" => QueueType::Classic,
-                        "quorum" => QueueType::Quorum,
-                        _ => return Err(bad(key, value, "classic or quorum")),
-                    }
-                }
-                "prefetch" => {
-                    config.prefetch =
-                        Some(value.parse().ok().filter(|p| *p > 0).ok_or_else(|| bad(key, value, "1..=65535"))?)
-                }
-                "reconnect_timeout_secs" => {
-                    let secs: u64 = value.parse().map_err(|_| bad(key, value, "a number of seconds"))?;
-                    config.reconnect_timeout = Duration::from_secs(secs);
-                }
-                "queue_expires_secs" => {
-                    let secs: u64 = value
-                        .parse()
-                        .ok()
-                        .filter(|s| *s > 0)
-                        .ok_or_else(|| bad(key, value, "a number of seconds above 0"))?;
-                    config.queue_expires = Some(Duration::from_secs(secs));
-                }
-                "tls_ca_file" => {
-                    let path = percent_decode(value);
-                    config.tls_ca_pem = Some(std::fs::read_to_string(&path).map_err(|e| {
-                        Error::config("amqp URL option tls_ca_file", format!("cannot read {path:?}: {e}"))
-                    })?);
-                }
-                _ => passthrough.push(pair),
-            }
+        // lapin's own options: checked here, so that a wrong one is named like Courier's,
+        // and handed on to lapin (which would ignore an unknown one silently).
+        let mut lapin = Vec::new();
+        if let Some(n) = options.take_number::<u32>("frame_max", ..)? {
+            lapin.push(format!("frame_max={n}"));
         }
-        config.uri = if passthrough.is_empty() { head.to_owned() } else { format!("{head}?{}", passthrough.join("&")) };
-        Ok(config)
+        if let Some(n) = options.take_number::<u16>("channel_max", ..)? {
+            lapin.push(format!("channel_max={n}"));
+        }
+        if let Some(n) = options.take_number::<u16>("heartbeat", ..)? {
+            lapin.push(format!("heartbeat={n}"));
+        }
+        if let Some(n) = options.take_number::<u64>("connection_timeout", ..)? {
+            lapin.push(format!("connection_timeout={n}"));
+        }
+        let mechanisms = "plain, amqplain, external, anonymous or rabbit-cr-demo";
+        if let Some(m) = options.take_parse::<lapin::uri::SASLMechanism>("auth_mechanism", mechanisms)? {
+            lapin.push(format!("auth_mechanism={m}"));
+        }
+        options.finish()?;
+        let head = url.without_query();
+        Ok(AmqpConfig {
+            uri: if lapin.is_empty() { head.to_owned() } else { format!("{head}?{}", lapin.join("&")) },
+            declare: declare.unwrap_or(DeclareMode::Create),
+            queue_type: queue_type.unwrap_or(QueueType::Classic),
+            prefetch,
+            reconnect_timeout: reconnect_timeout.unwrap_or(Duration::from_secs(30)),
+            tls_ca_pem,
+            queue_expires,
+        })
     }
 
     /// The URL handed to lapin, with the password replaced by `***`.
@@ -139,31 +135,6 @@ impl AmqpConfig {
     pub(crate) fn uri(&self) -> &str {
         &self.uri
     }
-}
-
-/// `%2F` and friends in a URL query value, for file paths.
-fn percent_decode(value: &str) -> String {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn bad(key: &str, value: &str, allowed: &str) -> Error {
-    Error::config(format!("amqp URL option {key}"), format!("{value:?} is not valid; use {allowed}"))
 }
 
 impl std::fmt::Debug for AmqpConfig {
@@ -201,5 +172,33 @@ mod tests {
         let err = AmqpConfig::from_url("amqp://h?prefetch=0").unwrap_err().to_string();
         assert!(err.contains("prefetch"), "{err}");
         assert!(AmqpConfig::from_url("http://h").is_err());
+    }
+
+    #[test]
+    fn a_wrong_option_is_named_in_the_shared_style() {
+        let err = AmqpConfig::from_url("amqp://h?prefetch=lots").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "configuration amqp URL option prefetch: \"lots\" is not valid; expected a whole number from 1 to 65535"
+        );
+        // lapin's own options are checked the same way, and a typo is no longer ignored.
+        let err = AmqpConfig::from_url("amqps://h?heartbeat=ten").unwrap_err().to_string();
+        assert!(err.starts_with("configuration amqps URL option heartbeat: \"ten\" is not valid"), "{err}");
+        let err = AmqpConfig::from_url("amqp://h?prefech=5").unwrap_err().to_string();
+        assert!(
+            err.starts_with("configuration amqp URL option prefech: is not an option (did you mean prefetch?)"),
+            "{err}"
+        );
+        assert!(err.contains("declare=create|verify") && err.contains("heartbeat=N"), "{err}");
+    }
+
+    #[test]
+    fn lapin_options_reach_lapin() {
+        let c = AmqpConfig::from_url(
+            "amqp://u:p%2Fw@h:5672/%2f?heartbeat=10&prefetch=5&auth_mechanism=external&connection_timeout=500",
+        )
+        .unwrap();
+        assert_eq!(c.uri(), "amqp://u:p%2Fw@h:5672/%2f?heartbeat=10&connection_timeout=500&auth_mechanism=EXTERNAL");
+        assert_eq!(c.prefetch, Some(5));
     }
 }

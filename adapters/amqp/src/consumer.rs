@@ -1,6 +1,5 @@
 //! Consuming: one channel per consumer, `basic.consume` with prefetch, and settlement.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,7 +50,7 @@ pub struct AmqpConsumer {
     prefetch: u16,
     settle: Arc<Settle>,
     subscription: tokio::sync::Mutex<Option<Subscription>>,
-    closed: AtomicBool,
+    open: courier_core::backend::OpenGuard,
 }
 
 struct Subscription {
@@ -75,7 +74,7 @@ impl AmqpConsumer {
             prefetch,
             settle: Arc::new(settle),
             subscription: tokio::sync::Mutex::new(None),
-            closed: AtomicBool::new(false),
+            open: courier_core::backend::OpenGuard::new("consumer"),
         };
         // Subscribe now so competing consumers share the queue from the start.
         *consumer.subscription.lock().await = Some(consumer.subscribe().await?);
@@ -121,9 +120,7 @@ impl Consumer for AmqpConsumer {
         let mut out = Vec::new();
         let mut subscription = self.subscription.lock().await;
         loop {
-            if self.closed.load(Ordering::Acquire) {
-                return Err(Error::Closed { what: "consumer" });
-            }
+            self.open.check()?;
             if subscription.is_none() {
                 // `subscribe` reconnects with backoff for up to the reconnect timeout
                 // before it gives up with a retryable error.
@@ -184,7 +181,7 @@ impl Consumer for AmqpConsumer {
     }
 
     async fn close(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::AcqRel) {
+        if !self.open.close() {
             return Ok(());
         }
         if let Some(s) = self.subscription.lock().await.take() {
@@ -204,7 +201,7 @@ async fn cancel(s: Subscription) {
 
 impl Drop for AmqpConsumer {
     fn drop(&mut self) {
-        if self.closed.swap(true, Ordering::AcqRel) {
+        if !self.open.close() {
             return;
         }
         // Closing the channel hands prefetched messages back now rather than when the

@@ -77,6 +77,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use courier_core::backend::BackendUrl;
 use courier_core::{
     Broker, Capabilities, Consumer, ConsumerOptions, Destination, Error, Message, MessageId, Result, Source,
 };
@@ -135,6 +136,11 @@ impl AmqpBroker {
     /// for Courier's options in the URL.
     pub async fn connect(url: &str) -> Result<Self> {
         Self::with_config(AmqpConfig::from_url(url)?).await
+    }
+
+    /// Connects with a parsed URL, as [`connect`](Self::connect) does with its text.
+    pub async fn connect_url(url: BackendUrl) -> Result<Self> {
+        Self::with_config(AmqpConfig::from_backend_url(url)?).await
     }
 
     /// Connects with explicit settings.
@@ -445,7 +451,7 @@ impl Broker for AmqpBroker {
     }
 
     async fn send(&self, destination: &Destination, message: Message) -> Result<MessageId> {
-        self.inner.session.check_open()?;
+        self.inner.session.open.check()?;
         self.inner.capabilities.check_message(&message)?;
         let route = self.inner.route(destination, message.delay).await?;
         let props = mapping::properties(&message, 1);
@@ -454,7 +460,7 @@ impl Broker for AmqpBroker {
     }
 
     async fn send_batch(&self, destination: &Destination, messages: Vec<Message>) -> Result<Vec<MessageId>> {
-        self.inner.session.check_open()?;
+        self.inner.session.open.check()?;
         self.inner.capabilities.check_batch(&messages)?;
         // One pipelined round per distinct delay; most batches have none.
         let mut ids = Vec::with_capacity(messages.len());
@@ -473,7 +479,7 @@ impl Broker for AmqpBroker {
     }
 
     async fn consumer(&self, source: &Source, options: ConsumerOptions) -> Result<Box<dyn Consumer>> {
-        self.inner.session.check_open()?;
+        self.inner.session.open.check()?;
         self.inner.declare_source(source).await?;
         let policy = options.settle_policy(source);
         if let Destination::Queue(dlq) = policy.dead_letter() {
@@ -487,12 +493,12 @@ impl Broker for AmqpBroker {
     }
 
     async fn declare(&self, source: &Source) -> Result<()> {
-        self.inner.session.check_open()?;
+        self.inner.session.open.check()?;
         self.inner.declare_source(source).await
     }
 
     async fn purge(&self, source: &Source) -> Result<u64> {
-        self.inner.session.check_open()?;
+        self.inner.session.open.check()?;
         let channel = self.inner.session.channel().await?;
         let queue = queue_name(source);
         let result = channel.queue_purge(queue.as_str().into(), QueuePurgeOptions::default()).await;

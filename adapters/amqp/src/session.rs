@@ -6,10 +6,10 @@
 //! exponential backoff while the others wait for it. Consumers open their own channels on
 //! the same connection and re-subscribe the same way.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use courier_core::backend::OpenGuard;
 use courier_core::{Error, Result};
 use lapin::options::ConfirmSelectOptions;
 use lapin::tcp::OwnedTLSConfig;
@@ -35,7 +35,8 @@ pub(crate) struct Session {
     pub config: AmqpConfig,
     live: RwLock<Option<Live>>,
     reconnecting: tokio::sync::Mutex<()>,
-    closed: AtomicBool,
+    /// Open until the broker is closed.
+    pub open: OpenGuard,
 }
 
 impl Session {
@@ -44,7 +45,7 @@ impl Session {
             config,
             live: RwLock::new(None),
             reconnecting: tokio::sync::Mutex::new(()),
-            closed: AtomicBool::new(false),
+            open: OpenGuard::new("broker"),
         });
         // Fail fast on a wrong URL or credentials instead of at the first send.
         let live = session.open(None).await?;
@@ -52,21 +53,9 @@ impl Session {
         Ok(session)
     }
 
-    pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
-    }
-
-    pub fn check_open(&self) -> Result<()> {
-        if self.is_closed() {
-            Err(Error::Closed { what: "broker" })
-        } else {
-            Ok(())
-        }
-    }
-
     /// The connection and publisher, reconnecting if they were lost.
     pub async fn live(&self) -> Result<Live> {
-        self.check_open()?;
+        self.open.check()?;
         if let Some(live) = self.live.read().unwrap().as_ref().filter(|l| l.healthy()) {
             return Ok(live.clone());
         }
@@ -78,7 +67,7 @@ impl Session {
         let deadline = Instant::now() + self.config.reconnect_timeout;
         let mut backoff = Duration::from_millis(100);
         loop {
-            self.check_open()?;
+            self.open.check()?;
             match self.open(current.as_ref()).await {
                 Ok(live) => {
                     tracing::info!(broker = %self.config.redacted(), "connected to RabbitMQ");
@@ -152,7 +141,7 @@ impl Session {
     }
 
     pub async fn close(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::AcqRel) {
+        if !self.open.close() {
             return Ok(());
         }
         let live = self.live.write().unwrap().take();

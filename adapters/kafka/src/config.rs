@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use courier_core::{redact_url, Error, Result};
+use courier_core::backend::BackendUrl;
+use courier_core::Result;
 use rdkafka::ClientConfig;
 
 /// What a `kafka://` URL says.
@@ -33,86 +34,53 @@ impl std::fmt::Debug for KafkaConfig {
     }
 }
 
-const OPTIONS: &str = "group=PREFIX, partitions=N, replication_factor=N, create=true|false, \
-rebalance_drain_ms=N, security_protocol=…, sasl_mechanism=…, or any librdkafka setting by its dotted name";
-
 impl KafkaConfig {
+    #[cfg(test)]
     pub fn from_url(url: &str) -> Result<Self> {
-        let redacted = redact_url(url);
-        let rest = url
-            .strip_prefix("kafka://")
-            .ok_or_else(|| Error::config("url", format!("{redacted} is not a kafka:// URL")))?;
-        let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let authority = authority.trim_end_matches('/');
-        let (userinfo, brokers) = match authority.rsplit_once('@') {
-            Some((user, hosts)) => (Some(user), hosts),
-            None => (None, authority),
-        };
-        if brokers.is_empty() {
-            return Err(Error::config("kafka URL", format!("{redacted} names no broker; write kafka://host:port")));
+        Self::from_backend_url(BackendUrl::parse(url)?)
+    }
+
+    pub fn from_backend_url(mut url: BackendUrl) -> Result<Self> {
+        url.expect_scheme(crate::BACKEND, &["kafka"])?;
+        let redacted = url.redacted();
+        if url.hosts().is_empty() {
+            return Err(url.error(format!("{redacted} names no broker; write kafka://host:port")));
         }
-        let mut config = KafkaConfig {
-            brokers: brokers.to_owned(),
-            group_prefix: None,
-            partitions: 4,
-            replication: 1,
-            create: true,
-            rebalance_drain: Duration::from_secs(10),
-            client: Vec::new(),
-            redacted: redacted.clone(),
-        };
-        if let Some(userinfo) = userinfo {
-            let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-            config.client.push(("sasl.username".into(), percent_decode(user)));
-            config.client.push(("sasl.password".into(), percent_decode(password)));
+        if url.path().is_some_and(|p| !p.is_empty()) {
+            return Err(url.error(format!("{redacted} has a path, which kafka:// URLs do not take")));
         }
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = percent_decode(value);
-            let number = |what: &str, range: std::ops::RangeInclusive<i64>| -> Result<i64> {
-                value.parse().ok().filter(|n| range.contains(n)).ok_or_else(|| {
-                    Error::config(format!("kafka URL option {what}"), format!("{value:?} is not in {range:?}"))
-                })
-            };
-            match key {
-                "group" => config.group_prefix = Some(value.clone()).filter(|v| !v.is_empty()),
-                "partitions" => config.partitions = number(key, 1..=10_000)? as i32,
-                "replication_factor" => config.replication = number(key, 1..=100)? as i32,
-                "create" => {
-                    config.create = match value.as_str() {
-                        "true" => true,
-                        "false" => false,
-                        _ => {
-                            return Err(Error::config(
-                                "kafka URL option create",
-                                format!("{value:?} is not true or false"),
-                            ))
-                        }
-                    }
-                }
-                "rebalance_drain_ms" => {
-                    config.rebalance_drain = Duration::from_millis(number(key, 0..=300_000)? as u64)
-                }
-                "security_protocol" => config.client.push(("security.protocol".into(), value)),
-                "sasl_mechanism" => config.client.push(("sasl.mechanism".into(), value)),
-                _ if key.contains('.') || key == "debug" => config.client.push((key.to_owned(), value)),
-                _ => {
-                    return Err(Error::config(
-                        format!("kafka URL option {key}"),
-                        format!("is not an option; options are {OPTIONS}"),
-                    ))
-                }
-            }
+        let brokers = url.hosts().iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+        let mut client = Vec::new();
+        if let Some(user) = url.user() {
+            client.push(("sasl.username".to_owned(), user.to_owned()));
+            client.push(("sasl.password".to_owned(), url.password().unwrap_or_default().to_owned()));
         }
+        let has_credentials = url.user().is_some();
+        let options = url.options();
+        let group_prefix = options.take_str("group").filter(|g| !g.is_empty());
+        let partitions = options.take_number("partitions", 1..=10_000)?.unwrap_or(4);
+        let replication = options.take_number("replication_factor", 1..=100)?.unwrap_or(1);
+        let create = options.take_bool("create")?.unwrap_or(true);
+        let rebalance_drain = options.take_millis("rebalance_drain_ms", ..=300_000)?.unwrap_or(Duration::from_secs(10));
+        if let Some(protocol) = options.take_str("security_protocol") {
+            client.push(("security.protocol".to_owned(), protocol));
+        }
+        if let Some(mechanism) = options.take_str("sasl_mechanism") {
+            client.push(("sasl.mechanism".to_owned(), mechanism));
+        }
+        client.extend(options.take_matching("any librdkafka setting by its dotted name (or debug)", |key| {
+            key.contains('.') || key == "debug"
+        }));
+        options.finish()?;
         // Credentials without a protocol: SASL over plain TCP, as most local setups run.
-        let has = |c: &KafkaConfig, k: &str| c.client.iter().any(|(key, _)| key == k);
-        if userinfo.is_some() && !has(&config, "security.protocol") {
-            config.client.push(("security.protocol".into(), "sasl_plaintext".into()));
+        let has = |c: &[(String, String)], k: &str| c.iter().any(|(key, _)| key == k);
+        if has_credentials && !has(&client, "security.protocol") {
+            client.push(("security.protocol".into(), "sasl_plaintext".into()));
         }
-        if userinfo.is_some() && !has(&config, "sasl.mechanism") {
-            config.client.push(("sasl.mechanism".into(), "PLAIN".into()));
+        if has_credentials && !has(&client, "sasl.mechanism") {
+            client.push(("sasl.mechanism".into(), "PLAIN".into()));
         }
-        Ok(config)
+        Ok(KafkaConfig { brokers, group_prefix, partitions, replication, create, rebalance_drain, client, redacted })
     }
 
     /// librdkafka settings every client of this broker shares.
@@ -137,25 +105,6 @@ impl KafkaConfig {
             None => name,
         }
     }
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -199,5 +148,32 @@ mod tests {
         assert!(err.contains("partitions"), "{err}");
         assert!(KafkaConfig::from_url("amqp://h").is_err());
         assert!(KafkaConfig::from_url("kafka://").is_err());
+    }
+
+    #[test]
+    fn a_wrong_option_is_named_in_the_shared_style() {
+        let err = KafkaConfig::from_url("kafka://h:1?create=yes").unwrap_err().to_string();
+        assert_eq!(err, "configuration kafka URL option create: \"yes\" is not valid; expected true or false");
+        let err = KafkaConfig::from_url("kafka://h:1?partitions=0").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "configuration kafka URL option partitions: \"0\" is not valid; expected a whole number from 1 to 10000"
+        );
+        let err = KafkaConfig::from_url("kafka://h:1?partitons=3").unwrap_err().to_string();
+        assert!(
+            err.starts_with("configuration kafka URL option partitons: is not an option (did you mean partitions?)"),
+            "{err}"
+        );
+        assert!(err.ends_with("and any librdkafka setting by its dotted name (or debug)"), "{err}");
+        let err = KafkaConfig::from_url("kafka://h:1?fetch.min.bytes=1&fetch.min.bytes=2").unwrap_err().to_string();
+        assert!(err.contains("kafka URL option fetch.min.bytes: is given twice"), "{err}");
+    }
+
+    #[test]
+    fn brokers_keep_their_form() {
+        let c = KafkaConfig::from_url("kafka://a:9092,[::1]:9093/?debug=all").unwrap();
+        assert_eq!(c.brokers, "a:9092,[::1]:9093");
+        assert_eq!(setting(&c, "debug"), Some("all"));
+        assert!(KafkaConfig::from_url("kafka://a:9092/topic").is_err());
     }
 }

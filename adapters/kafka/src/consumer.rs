@@ -336,7 +336,7 @@ impl ConsumerContext for Rebalancer {
 pub(crate) struct KafkaConsumer {
     shared: Arc<ConsumerShared>,
     stream: Mutex<Option<Arc<StreamHandle>>>,
-    closed: AtomicBool,
+    open: courier_core::backend::OpenGuard,
 }
 
 impl KafkaConsumer {
@@ -382,14 +382,13 @@ impl KafkaConsumer {
             .map_err(|e| kafka_error(&format!("subscribe group {group} to {topic}"), e))?;
         let stream = Arc::new(stream);
         let _ = shared.stream.set(Arc::downgrade(&stream));
-        Ok(KafkaConsumer { shared, stream: Mutex::new(Some(stream)), closed: AtomicBool::new(false) })
+        let open = courier_core::backend::OpenGuard::new("consumer");
+        Ok(KafkaConsumer { shared, stream: Mutex::new(Some(stream)), open })
     }
 
     fn stream(&self) -> Result<Arc<StreamHandle>> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Error::Closed { what: "consumer" });
-        }
-        self.shared.broker.check_open()?;
+        self.open.check()?;
+        self.shared.broker.open.check()?;
         self.stream.lock().unwrap().clone().ok_or(Error::Closed { what: "consumer" })
     }
 }
@@ -457,7 +456,7 @@ impl Consumer for KafkaConsumer {
     }
 
     async fn close(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::AcqRel) {
+        if !self.open.close() {
             return Ok(());
         }
         self.shared.closing.store(true, Ordering::Release);

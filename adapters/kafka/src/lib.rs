@@ -6,7 +6,9 @@
 //! and `replication_factor=N` (topics Courier creates; 4 and 1), `create=true|false`
 //! (create missing topics, default true), `rebalance_drain_ms=N` (see below),
 //! `security_protocol=…`, `sasl_mechanism=…`, and any librdkafka setting by its dotted
-//! name (`?fetch.min.bytes=1024`), passed to every client as it is.
+//! name (`?fetch.min.bytes=1024`), passed to every client as it is. Any other option is
+//! an error that names it; values are percent-decoded (see
+//! [`UrlOptions`](courier_core::backend::UrlOptions)).
 //!
 //! Each clause of the contract (`docs/contract.md` in the repository) on Kafka. Core's
 //! receipt decides retry versus dead letter and builds the dead letter's headers; this
@@ -88,11 +90,11 @@ mod offsets;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use courier_core::backend::{BackendUrl, OpenGuard};
 use courier_core::{
     Broker, Capabilities, Consumer, ConsumerOptions, Destination, Error, Feature, Message, MessageId, Result, Source,
 };
@@ -125,7 +127,7 @@ pub(crate) struct Inner {
     capabilities: Capabilities,
     /// Topics known to exist, with their partition counts.
     topics: Mutex<HashMap<String, i32>>,
-    closed: AtomicBool,
+    open: OpenGuard,
 }
 
 impl fmt::Debug for KafkaBroker {
@@ -170,7 +172,12 @@ impl KafkaBroker {
     /// Connects with a `kafka://` URL (see the crate docs). Clients connect lazily, so this
     /// fails only on a malformed URL or settings librdkafka refuses.
     pub async fn connect(url: &str) -> Result<Self> {
-        let config = KafkaConfig::from_url(url)?;
+        Self::connect_url(BackendUrl::parse(url)?).await
+    }
+
+    /// Connects with a parsed URL, as [`connect`](Self::connect) does with its text.
+    pub async fn connect_url(url: BackendUrl) -> Result<Self> {
+        let config = KafkaConfig::from_backend_url(url)?;
         let mut producer_config = config.client_config();
         producer_config
             .set("enable.idempotence", "true")
@@ -214,21 +221,13 @@ impl KafkaBroker {
                 admin,
                 capabilities,
                 topics: Mutex::default(),
-                closed: AtomicBool::new(false),
+                open: OpenGuard::new("broker"),
             }),
         })
     }
 }
 
 impl Inner {
-    fn check_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            Err(Error::Closed { what: "broker" })
-        } else {
-            Ok(())
-        }
-    }
-
     /// The partition count of `topic`, creating it with `partitions` when missing and
     /// creation is on.
     pub(crate) async fn ensure_topic(&self, topic: &str, partitions: Option<i32>) -> Result<i32> {
@@ -367,7 +366,7 @@ impl Broker for KafkaBroker {
     }
 
     async fn send(&self, destination: &Destination, message: Message) -> Result<MessageId> {
-        self.inner.check_open()?;
+        self.inner.open.check()?;
         self.inner.capabilities.check_message(&message)?;
         let topic = topic_of(destination);
         self.inner.ensure_topic(topic, None).await?;
@@ -376,7 +375,7 @@ impl Broker for KafkaBroker {
     }
 
     async fn send_batch(&self, destination: &Destination, messages: Vec<Message>) -> Result<Vec<MessageId>> {
-        self.inner.check_open()?;
+        self.inner.open.check()?;
         self.inner.capabilities.check_batch(&messages)?;
         let topic = topic_of(destination);
         self.inner.ensure_topic(topic, None).await?;
@@ -387,13 +386,13 @@ impl Broker for KafkaBroker {
     }
 
     async fn consumer(&self, source: &Source, options: ConsumerOptions) -> Result<Box<dyn Consumer>> {
-        self.inner.check_open()?;
+        self.inner.open.check()?;
         self.declare(source).await?;
         Ok(Box::new(consumer::KafkaConsumer::open(self.inner.clone(), source.clone(), options).await?))
     }
 
     async fn declare(&self, source: &Source) -> Result<()> {
-        self.inner.check_open()?;
+        self.inner.open.check()?;
         let topic = source.destination();
         self.inner.ensure_topic(topic_of(&topic), None).await?;
         if let Source::Subscription { .. } = source {
@@ -411,7 +410,7 @@ impl Broker for KafkaBroker {
     }
 
     async fn close(&self) -> Result<()> {
-        if self.inner.closed.swap(true, Ordering::AcqRel) {
+        if !self.inner.open.close() {
             return Ok(());
         }
         let producer = self.inner.producer.clone();

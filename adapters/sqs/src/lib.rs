@@ -9,7 +9,8 @@
 //! policy to their dead-letter queue `<queue>_dlq` after N receives, so a message whose
 //! consumer keeps dying unsettled is dead-lettered by SQS itself), `pollers=N` (1-16,
 //! default 1: a receive of more than 10 messages makes up to N ReceiveMessage calls in
-//! parallel, for throughput when each call's round trip is the limit).
+//! parallel, for throughput when each call's round trip is the limit). Any other option is
+//! an error that names it (see [`UrlOptions`](courier_core::backend::UrlOptions)).
 //!
 //! Each clause of the contract (`docs/contract.md` in the repository) on SQS. Core's
 //! receipt decides retry versus dead letter and builds the dead letter's headers; this
@@ -35,16 +36,19 @@
 
 #![warn(missing_docs)]
 
+mod config;
 mod mapping;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName, SendMessageBatchRequestEntry};
 use aws_sdk_sqs::Client;
+use config::SqsConfig;
+use courier_core::backend::{BackendUrl, OpenGuard};
 use courier_core::{
     redact_url, Acknowledger, Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Delivery, Destination,
     Error, Feature, Message, MessageId, Result, SettlePolicy, Source, Stats,
@@ -64,6 +68,7 @@ pub struct SqsBroker {
 
 struct Inner {
     client: Client,
+    /// The URL, redacted.
     url: String,
     create: bool,
     redrive_max_receives: Option<u32>,
@@ -71,7 +76,7 @@ struct Inner {
     pollers: usize,
     capabilities: Capabilities,
     queue_urls: Mutex<HashMap<String, String>>,
-    closed: AtomicBool,
+    open: OpenGuard,
     requests: RequestCounter,
 }
 
@@ -118,40 +123,19 @@ fn sdk_error(doing: &str, e: impl std::error::Error + Send + Sync + 'static) -> 
 impl SqsBroker {
     /// Connects with an `sqs://` URL (see the crate docs).
     pub async fn connect(url: &str) -> Result<Self> {
-        let rest = url
-            .strip_prefix("sqs://")
-            .ok_or_else(|| Error::config("url", format!("{} is not an sqs:// URL", redact_url(url))))?;
-        let (region, query) = rest.split_once('?').unwrap_or((rest, ""));
+        Self::connect_url(BackendUrl::parse(url)?).await
+    }
+
+    /// Connects with a parsed URL, as [`connect`](Self::connect) does with its text.
+    pub async fn connect_url(url: BackendUrl) -> Result<Self> {
+        let SqsConfig { region, endpoint, create, redrive_max_receives, pollers, redacted } =
+            SqsConfig::from_backend_url(url)?;
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-        let region = region.trim_end_matches('/');
-        if !region.is_empty() {
-            loader = loader.region(aws_config::Region::new(region.to_owned()));
+        if let Some(region) = region {
+            loader = loader.region(aws_config::Region::new(region));
         }
-        let mut create = true;
-        let mut redrive_max_receives = None;
-        let mut pollers = 1;
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            match pair.split_once('=').unwrap_or((pair, "")) {
-                ("endpoint", endpoint) => loader = loader.endpoint_url(endpoint),
-                ("create", "true") => create = true,
-                ("create", "false") => create = false,
-                ("redrive_max_receives", n) => {
-                    redrive_max_receives = Some(n.parse().ok().filter(|n| (1..=1000).contains(n)).ok_or_else(|| {
-                        Error::config("sqs URL option redrive_max_receives", format!("{n:?} is not 1..=1000"))
-                    })?)
-                }
-                ("pollers", n) => {
-                    pollers = n.parse().ok().filter(|n| (1..=16).contains(n)).ok_or_else(|| {
-                        Error::config("sqs URL option pollers", format!("{n:?} is not 1..=16"))
-                    })?
-                }
-                (key, value) => {
-                    return Err(Error::config(
-                        format!("sqs URL option {key}"),
-                        format!("{value:?} is not valid; options are endpoint=URL, create=true|false, redrive_max_receives=N and pollers=N"),
-                    ))
-                }
-            }
+        if let Some(endpoint) = endpoint {
+            loader = loader.endpoint_url(endpoint);
         }
         let config = loader.load().await;
         if config.region().is_none() {
@@ -183,13 +167,13 @@ impl SqsBroker {
             inner: Arc::new(Inner {
                 requests,
                 client: Client::from_conf(client_config),
-                url: url.to_owned(),
+                url: redacted,
                 create,
                 redrive_max_receives,
                 pollers,
                 capabilities,
                 queue_urls: Mutex::default(),
-                closed: AtomicBool::new(false),
+                open: OpenGuard::new("broker"),
             }),
         })
     }
@@ -204,14 +188,6 @@ impl SqsBroker {
 }
 
 impl Inner {
-    fn check_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            Err(Error::Closed { what: "broker" })
-        } else {
-            Ok(())
-        }
-    }
-
     /// The queue's URL: cached, else looked up, else (in create mode) created.
     async fn queue_url(&self, name: &str) -> Result<String> {
         let name = &mapping::queue_name(name);
@@ -325,7 +301,7 @@ impl Broker for SqsBroker {
     }
 
     async fn send(&self, destination: &Destination, message: Message) -> Result<MessageId> {
-        self.inner.check_open()?;
+        self.inner.open.check()?;
         let queue = queue_of(destination, &self.inner.capabilities)?;
         self.inner.check(&queue, &message)?;
         self.inner.send_one(&queue, &message).await?;
@@ -333,7 +309,7 @@ impl Broker for SqsBroker {
     }
 
     async fn send_batch(&self, destination: &Destination, messages: Vec<Message>) -> Result<Vec<MessageId>> {
-        self.inner.check_open()?;
+        self.inner.open.check()?;
         let queue = queue_of(destination, &self.inner.capabilities)?;
         self.inner.capabilities.check_batch(&messages)?;
         for m in &messages {
@@ -417,7 +393,7 @@ impl Broker for SqsBroker {
     }
 
     async fn consumer(&self, source: &Source, options: ConsumerOptions) -> Result<Box<dyn Consumer>> {
-        self.inner.check_open()?;
+        self.inner.open.check()?;
         let queue = source_queue(source, &self.inner.capabilities)?;
         let url = self.inner.queue_url(&queue).await?;
         let policy = options.settle_policy(source);
@@ -432,18 +408,18 @@ impl Broker for SqsBroker {
             queue,
             url,
             options,
-            closed: AtomicBool::new(false),
+            open: OpenGuard::new("consumer"),
         }))
     }
 
     async fn declare(&self, source: &Source) -> Result<()> {
-        self.inner.check_open()?;
+        self.inner.open.check()?;
         let queue = source_queue(source, &self.inner.capabilities)?;
         self.inner.queue_url(&queue).await.map(|_| ())
     }
 
     async fn stats(&self, source: &Source) -> Result<Stats> {
-        self.inner.check_open()?;
+        self.inner.open.check()?;
         let queue = source_queue(source, &self.inner.capabilities)?;
         let counts = |name: String| async move {
             let url = self.inner.queue_url(&name).await?;
@@ -473,7 +449,7 @@ impl Broker for SqsBroker {
     }
 
     async fn purge(&self, source: &Source) -> Result<u64> {
-        self.inner.check_open()?;
+        self.inner.open.check()?;
         let before = self.stats(source).await?;
         let queue = source_queue(source, &self.inner.capabilities)?;
         let url = self.inner.queue_url(&queue).await?;
@@ -488,7 +464,7 @@ impl Broker for SqsBroker {
     }
 
     async fn close(&self) -> Result<()> {
-        self.inner.closed.store(true, Ordering::Release);
+        self.inner.open.close();
         Ok(())
     }
 }
@@ -500,7 +476,7 @@ pub struct SqsConsumer {
     queue: String,
     url: String,
     options: ConsumerOptions,
-    closed: AtomicBool,
+    open: OpenGuard,
 }
 
 fn whole_seconds(d: Duration) -> i32 {
@@ -536,10 +512,8 @@ impl Consumer for SqsConsumer {
     }
 
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Error::Closed { what: "consumer" });
-        }
-        self.shared.broker.inner.check_open()?;
+        self.open.check()?;
+        self.shared.broker.inner.open.check()?;
         let deadline = tokio::time::Instant::now() + wait;
         // Several pollers: a large receive asks SQS in parallel calls of up to 10 each.
         let calls = max.div_ceil(10).clamp(1, self.shared.broker.inner.pollers);
@@ -578,7 +552,7 @@ impl Consumer for SqsConsumer {
     }
 
     async fn close(&self) -> Result<()> {
-        self.closed.store(true, Ordering::Release);
+        self.open.close();
         Ok(())
     }
 }
