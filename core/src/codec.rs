@@ -74,7 +74,7 @@ impl<T: serde::Serialize + serde::de::DeserializeOwned> Codec<T> for Json {
 
 #[cfg(test)]
 mod tests {
-    use crate::Message;
+    use super::Json;
 
     #[derive(serde::Deserialize, serde::Serialize, Debug)]
     #[allow(dead_code)]
@@ -84,7 +84,7 @@ mod tests {
 
     #[test]
     fn decode_failure_is_permanent_and_names_the_type() {
-        let err = Message::new("not json").decode_json::<Order>().unwrap_err();
+        let err = Json::from_bytes::<Order>(b"not json").unwrap_err();
         assert!(!err.is_retryable());
         assert!(err.to_string().contains("could not decode payload as"), "{err}");
         assert!(err.to_string().contains("Order"), "{err}");

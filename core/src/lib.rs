@@ -13,12 +13,23 @@
 //! Kafka and SQS.
 #![warn(missing_docs)]
 
+// Modules import one way only (no cycles), leaves first:
+//   feature, id, url        import nothing of the crate
+//   error                   imports feature, id
+//   codec, destination      import error
+//   message                 imports codec, error, id
+//   capabilities            imports error, feature, message
+//   delivery                imports destination, error, message
+//   broker                  imports capabilities, delivery, destination, error, message
+//   conformance (feature)   imports the public API
 mod broker;
 mod capabilities;
 mod codec;
 mod delivery;
 mod destination;
 mod error;
+mod feature;
+mod id;
 mod message;
 mod url;
 
