@@ -39,7 +39,7 @@ pub mod conformance;
 pub use broker::{Broker, Consumer, ConsumerOptions, DynBroker, Stats};
 pub use bytes::Bytes;
 pub use capabilities::{Capabilities, Feature};
-pub use codec::{Codec, Json};
+pub use codec::{Codec, JsonCodec};
 pub use delivery::{Acknowledger, Delivery, Receipt};
 pub use destination::{Destination, Name, Source, MAX_NAME_LEN};
 pub use error::{BoxError, Error, Result};

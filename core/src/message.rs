@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-use crate::codec::{Codec, Json};
+use crate::codec::{Codec, JsonCodec};
 use crate::error::Result;
 // `MessageId` is defined in a leaf module so `error` can name it without importing this one.
 pub use crate::id::MessageId;
@@ -73,7 +73,7 @@ impl Message {
 
     /// A message whose payload is `value` as JSON, with content type `application/json`.
     pub fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<Self> {
-        let mut msg = Message::new(Json::to_bytes(value)?);
+        let mut msg = Message::new(JsonCodec::to_bytes(value)?);
         msg.content_type = Some(JSON_CONTENT_TYPE.to_owned());
         Ok(msg)
     }
@@ -87,7 +87,7 @@ impl Message {
 
     /// Decodes the payload as JSON into `T`; a failure is a permanent [`Error::Decode`](crate::Error::Decode).
     pub fn decode_json<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
-        Json::from_bytes(&self.payload)
+        JsonCodec::from_bytes(&self.payload)
     }
 
     /// Decodes the payload with codec `C`.
