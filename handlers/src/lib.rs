@@ -40,7 +40,6 @@
 #![warn(missing_docs)]
 
 mod config;
-pub mod demo;
 mod handler;
 mod retry;
 mod trace;
