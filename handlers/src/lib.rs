@@ -37,12 +37,29 @@
 //!   returning an [`Outcome`] or a `Result`; tower layers wrap them ([`handler_service`]).
 //! - [`App`]: the worker; [`RetryPolicy`]: the single owner of retry versus dead letter.
 //! - [`connect`] and [`Config`]: the backend from a URL, a TOML file or `COURIER_*` variables.
+//! - `trigger` (feature `trigger`): the same handlers run from FaaS platform events, and
+//!   the local FaaS emulator; a module tree of its own that the worker does not use.
+//!
+//! ## Cargo features
+//!
+//! | feature | gives |
+//! |---|---|
+//! | `amqp` (default) | `amqp://` and `amqps://` URLs in [`connect`], through `courier-amqp` |
+//! | `sqs` | `sqs://` URLs, through `courier-sqs` (the AWS SDK) |
+//! | `kafka` | `kafka://` URLs, through `courier-kafka` (builds librdkafka) |
+//! | `trigger` | `courier::trigger`: AWS Lambda SQS, Kafka and RabbitMQ events in, the platform's answer out; `trigger::emulator`, a local event source mapping on any backend |
+//! | `lambda` | `trigger` and `courier::trigger::lambda::run`, the AWS Lambda entry point |
+//! | `http` | `trigger` and `courier::trigger::http`, HTTP push (CloudEvents, Pub/Sub) on axum |
+//!
+//! `memory://` (the in-process backend) is always there. The `courier` command and its
+//! demo are a separate crate, `courier-cli`.
 #![warn(missing_docs)]
 
 mod config;
 mod handler;
 mod retry;
 mod trace;
+#[cfg(feature = "trigger")]
 pub mod trigger;
 mod worker;
 
