@@ -1,5 +1,6 @@
 //! The `courier` command: send, consume, inspect and redrive messages on any backend,
 //! and run the demo.
+#![forbid(unsafe_code)]
 
 mod demo;
 

@@ -11,6 +11,7 @@
 //!
 //! Backends: `courier-local` (in-process, every feature), and adapters for RabbitMQ,
 //! Kafka and SQS.
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 // Modules import one way only (no cycles), leaves first:

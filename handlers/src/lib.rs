@@ -53,6 +53,7 @@
 //!
 //! `memory://` (the in-process backend) is always there. The `courier` command and its
 //! demo are a separate crate, `courier-cli`.
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod config;
