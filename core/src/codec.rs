@@ -41,11 +41,12 @@ pub trait Codec<T: ?Sized> {
         T: Sized;
 }
 
-/// JSON through serde; Courier's default codec.
+/// JSON through serde; Courier's default codec (the `courier` crate's `Json` extractor
+/// decodes with it).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Json;
+pub struct JsonCodec;
 
-impl Json {
+impl JsonCodec {
     /// `value` as JSON bytes (needs only `Serialize`).
     pub fn to_bytes<T: serde::Serialize + ?Sized>(value: &T) -> Result<Bytes> {
         serde_json::to_vec(value)
@@ -60,21 +61,21 @@ impl Json {
     }
 }
 
-impl<T: serde::Serialize + serde::de::DeserializeOwned> Codec<T> for Json {
+impl<T: serde::Serialize + serde::de::DeserializeOwned> Codec<T> for JsonCodec {
     const CONTENT_TYPE: &'static str = "application/json";
 
     fn encode(value: &T) -> Result<Bytes> {
-        Json::to_bytes(value)
+        JsonCodec::to_bytes(value)
     }
 
     fn decode(bytes: &[u8]) -> Result<T> {
-        Json::from_bytes(bytes)
+        JsonCodec::from_bytes(bytes)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::Message;
+    use super::JsonCodec;
 
     #[derive(serde::Deserialize, serde::Serialize, Debug)]
     #[allow(dead_code)]
@@ -84,7 +85,7 @@ mod tests {
 
     #[test]
     fn decode_failure_is_permanent_and_names_the_type() {
-        let err = Message::new("not json").decode_json::<Order>().unwrap_err();
+        let err = JsonCodec::from_bytes::<Order>(b"not json").unwrap_err();
         assert!(!err.is_retryable());
         assert!(err.to_string().contains("could not decode payload as"), "{err}");
         assert!(err.to_string().contains("Order"), "{err}");

@@ -2,8 +2,8 @@
 
 use std::fmt;
 
-use crate::capabilities::Feature;
-use crate::message::MessageId;
+use crate::feature::Feature;
+use crate::id::MessageId;
 
 /// A boxed error from a lower layer (a broker client, a codec).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -18,14 +18,26 @@
 //!
 //! Backends: `courier-local` (in-process, every feature), and adapters for RabbitMQ,
 //! Kafka and SQS.
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+// Modules import one way only (no cycles), leaves first:
+//   feature, id, retry      import nothing of the crate
+//   error                   imports feature, id
+//   backend, codec, destination  import error
+//   message                 imports codec, error, id
+//   capabilities            imports error, feature, message
+//   delivery                imports destination, error, message, retry
+//   broker                  imports capabilities, delivery, destination, error, message, retry
+//   conformance (feature)   imports the public API
 mod broker;
 mod capabilities;
 mod codec;
 mod delivery;
 mod destination;
 mod error;
+mod feature;
+mod id;
 mod message;
 mod retry;
 
@@ -38,7 +50,7 @@ pub use backend::redact_url;
 pub use broker::{Broker, Consumer, ConsumerOptions, DynBroker, Stats};
 pub use bytes::Bytes;
 pub use capabilities::{Capabilities, Feature};
-pub use codec::{Codec, Json};
+pub use codec::{Codec, JsonCodec};
 pub use delivery::{Acknowledger, AfterFailure, DeadLetter, Delivery, Receipt, SettlePolicy};
 pub use destination::{Destination, Name, Source, MAX_NAME_LEN};
 pub use error::{BoxError, Error, Result};

@@ -1,7 +1,7 @@
 //! The FaaS emulator's scaling: throughput P against n / t for n = 1, 4, 16 instances of an
 //! I/O-bound handler (20 ms per record), on the in-process backend.
 //!
-//! `cargo bench -p courier --bench faas_scaling`; `BENCH_RECORDS` (default 640) per n.
+//! `cargo bench -p courier --features trigger --bench faas_scaling`; `BENCH_RECORDS` (default 640) per n.
 
 use std::time::Duration;
 

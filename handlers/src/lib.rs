@@ -38,12 +38,29 @@
 //! - [`App`]: the worker; [`RetryPolicy`]: attempts and backoff, applied by each delivery's
 //!   receipt (core owns settlement: retry versus dead letter, and the dead letter's headers).
 //! - [`connect`] and [`Config`]: the backend from a URL, a TOML file or `COURIER_*` variables.
+//! - `trigger` (feature `trigger`): the same handlers run from FaaS platform events, and
+//!   the local FaaS emulator; a module tree of its own that the worker does not use.
+//!
+//! ## Cargo features
+//!
+//! | feature | gives |
+//! |---|---|
+//! | `amqp` (default) | `amqp://` and `amqps://` URLs in [`connect`], through `courier-amqp` |
+//! | `sqs` | `sqs://` URLs, through `courier-sqs` (the AWS SDK) |
+//! | `kafka` | `kafka://` URLs, through `courier-kafka` (builds librdkafka) |
+//! | `trigger` | `courier::trigger`: AWS Lambda SQS, Kafka and RabbitMQ events in, the platform's answer out; `trigger::emulator`, a local event source mapping on any backend |
+//! | `lambda` | `trigger` and `courier::trigger::lambda::run`, the AWS Lambda entry point |
+//! | `http` | `trigger` and `courier::trigger::http`, HTTP push (CloudEvents, Pub/Sub) on axum |
+//!
+//! `memory://` (the in-process backend) is always there. The `courier` command and its
+//! demo are a separate crate, `courier-cli`.
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod config;
-pub mod demo;
 mod handler;
 mod trace;
+#[cfg(feature = "trigger")]
 pub mod trigger;
 mod worker;
 

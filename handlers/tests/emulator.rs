@@ -1,5 +1,6 @@
 //! The local FaaS emulator: events built from real broker messages, failed records going
 //! back to the source, on the in-process backend and on the RabbitMQ server on this machine.
+#![cfg(feature = "trigger")]
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

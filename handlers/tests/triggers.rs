@@ -1,6 +1,7 @@
 //! The Lambda triggers over the public sample events (`tests/fixtures/faas`, from the
 //! aws_lambda_events crate, MIT) and over events shaped like real ones: partial failures,
 //! FIFO stop-at-first-failure, panics confined to their record, malformed events.
+#![cfg(feature = "trigger")]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

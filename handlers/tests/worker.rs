@@ -534,19 +534,3 @@ async fn the_backend_is_chosen_by_url() {
     let err = courier::connect("localhost:5672").await.unwrap_err();
     assert!(err.to_string().contains("is not a URL"), "{err}");
 }
-
-#[tokio::test]
-async fn the_demo_charges_good_orders_and_dead_letters_the_two_bad_ones() {
-    let broker = courier::connect("memory://").await.unwrap();
-    let summary = courier::demo::run(broker, courier::demo::DemoOptions { orders: 12, quiet: true }).await.unwrap();
-    assert_eq!(summary.charged, 10);
-    let mut reasons: Vec<_> = summary.dead_letters.iter().map(|d| (d.attempts.clone(), d.reason.clone())).collect();
-    reasons.sort();
-    assert_eq!(
-        reasons,
-        [
-            ("1".to_owned(), "order 9 has a non-positive total".to_owned()),
-            ("3".to_owned(), "gave up after 3 attempts: card issuer timed out".to_owned())
-        ]
-    );
-}

@@ -28,6 +28,7 @@
 //!
 //! Timers (delays, leases) run on one task per queue that sleeps until the next
 //! deadline, so the broker must be used inside a tokio runtime.
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod entry;

@@ -9,6 +9,7 @@
 //! 3. the server `scripts/brokers up` started on this machine.
 //!
 //! A broker that cannot be reached fails the tests: nothing is skipped.
+#![forbid(unsafe_code)]
 
 use std::sync::Arc;
 

@@ -64,6 +64,7 @@
 //! (at least once: handlers must be idempotent). Deliveries held when their channel died
 //! return [`Error::LeaseLost`] on settlement: RabbitMQ has already put them back.
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod config;

@@ -34,6 +34,7 @@
 //! | stats | ApproximateNumberOfMessages(NotVisible, Delayed) |
 //! | purge | PurgeQueue (SQS allows one per queue per minute) |
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod config;

@@ -3,6 +3,7 @@
 //! file, so the test can tell what was handled even after a SIGKILL.
 //!
 //! Usage: `kafka_worker URL QUEUE OUT_FILE`
+#![forbid(unsafe_code)]
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};

@@ -1,5 +1,8 @@
 //! The `courier` command: send, consume, inspect and redrive messages on any backend,
 //! and run the demo.
+#![forbid(unsafe_code)]
+
+mod demo;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -193,7 +196,7 @@ async fn demo(broker: DynBroker, config: &Config, orders: u64) -> Result<(), Err
         courier::redact_url(&config.backend),
         broker.capabilities().backend
     );
-    let summary = courier::demo::run(broker, courier::demo::DemoOptions { orders, quiet: false }).await?;
+    let summary = demo::run(broker, demo::DemoOptions { orders, quiet: false }).await?;
     println!("\n{summary}");
     Ok(())
 }

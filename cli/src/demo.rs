@@ -6,25 +6,16 @@
 //! `charge_payment` fails for one order every time, so it retries with backoff and
 //! then dead-letters. A third route watches both dead-letter queues.
 //!
-//! ```
-//! # #[tokio::main]
-//! # async fn main() -> Result<(), courier::Error> {
-//! let broker = courier::connect("memory://").await?;
-//! let summary = courier::demo::run(broker, courier::demo::DemoOptions { orders: 10, quiet: true }).await?;
-//! assert_eq!(summary.charged, 8);
-//! assert_eq!(summary.dead_letters.len(), 2);
-//! # Ok(()) }
-//! ```
+//! It uses only the public API of the `courier` library, as an application would.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use courier_core::{headers, Destination, DynBroker, Error, Message, Result, Source};
+use courier::{
+    headers, App, Context, Destination, DynBroker, Error, Json, Message, Result, RetryPolicy, RouteOptions, RunReport,
+    Source,
+};
 use tokio::sync::Notify;
-
-use crate::handler::{Context, Json};
-use crate::worker::{App, RouteOptions, RunReport};
-use courier_core::RetryPolicy;
 
 /// Order number whose payment always fails (retried, then dead-lettered).
 pub const FLAKY_ORDER: u64 = 7;
@@ -232,5 +223,24 @@ impl std::fmt::Display for DemoSummary {
             r.acked, r.retried, r.dead_lettered, r.interrupted
         )?;
         write!(f, "  took            {:.2} s", self.elapsed.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn the_demo_charges_good_orders_and_dead_letters_the_two_bad_ones() {
+        let broker = courier::connect("memory://").await.unwrap();
+        let summary = super::run(broker, super::DemoOptions { orders: 12, quiet: true }).await.unwrap();
+        assert_eq!(summary.charged, 10);
+        let mut reasons: Vec<_> = summary.dead_letters.iter().map(|d| (d.attempts.clone(), d.reason.clone())).collect();
+        reasons.sort();
+        assert_eq!(
+            reasons,
+            [
+                ("1".to_owned(), "order 9 has a non-positive total".to_owned()),
+                ("3".to_owned(), "gave up after 3 attempts: card issuer timed out".to_owned())
+            ]
+        );
     }
 }
