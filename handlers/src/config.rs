@@ -7,10 +7,9 @@ use std::time::Duration;
 
 use courier_core::backend::BackendUrl;
 pub use courier_core::redact_url;
-use courier_core::{DynBroker, Error, Result};
+use courier_core::{DynBroker, Error, Result, RetryPolicy};
 
 use crate::worker::RouteOptions;
-use courier_core::RetryPolicy;
 
 /// The URL schemes Courier knows, whether or not this build includes them.
 pub const SCHEMES: &[&str] = &["memory", "amqp", "amqps", "kafka", "sqs"];
