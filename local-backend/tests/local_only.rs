@@ -163,3 +163,32 @@ async fn a_send_cancelled_while_waiting_for_room_is_not_remembered_as_a_duplicat
     let d = consumer.receive_one(Duration::from_secs(1)).await.unwrap().expect("the resent message is delivered");
     assert_eq!(&d.payload[..], b"important");
 }
+
+#[tokio::test]
+async fn huge_delays_and_leases_neither_panic_nor_lose_the_message() {
+    let broker = LocalBroker::new();
+    let (source, dest) = orders();
+    // A delayed send longer than the backend holds is refused before anything changes.
+    let err = broker.send(&dest, Message::new("never").with_delay(Duration::MAX)).await.unwrap_err();
+    assert!(matches!(err, Error::DelayTooLong { .. }), "{err}");
+    broker.declare(&source).await.unwrap();
+    let stats = broker.stats(&source).await.unwrap();
+    assert_eq!((stats.depth, stats.delayed), (0, 0));
+
+    // A retry after an unbounded delay keeps the message, held back.
+    let consumer = broker.consumer(&source, ConsumerOptions::default()).await.unwrap();
+    broker.send(&dest, Message::new("x")).await.unwrap();
+    let d = consumer.receive_one(Duration::from_secs(1)).await.unwrap().unwrap();
+    d.extend_lease(Duration::MAX).await.unwrap();
+    d.retry_after(Duration::MAX).await.unwrap();
+    let stats = broker.stats(&source).await.unwrap();
+    assert_eq!((stats.in_flight, stats.delayed), (0, 1), "the message is held, not lost");
+
+    // A consumer with an unbounded lease and an unbounded wait still receives.
+    let other = Source::queue("other").unwrap();
+    let consumer = broker.consumer(&other, ConsumerOptions::default().lease(Duration::MAX)).await.unwrap();
+    broker.send(&other.destination(), Message::new("y")).await.unwrap();
+    let d = consumer.receive_one(Duration::MAX).await.unwrap().expect("delivered");
+    assert_eq!(broker.stats(&other).await.unwrap().in_flight, 1);
+    d.ack().await.unwrap();
+}
