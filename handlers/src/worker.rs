@@ -13,6 +13,7 @@ use courier_core::{
 };
 use futures::future::Either;
 use futures::FutureExt;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder, ServiceExt};
@@ -286,7 +287,7 @@ impl App {
         let stopping = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
         let mut consumers = Vec::new();
-        let mut tasks = tokio::task::JoinSet::new();
+        let mut tasks: JoinSet<LoopEnd> = JoinSet::new();
         for route in self.routes {
             let consumer_options = ConsumerOptions {
                 lease: route.options.lease,
@@ -306,13 +307,20 @@ impl App {
                     stopping: stopping.clone(),
                     hard_stop: hard_stop.clone(),
                 };
-                tasks.spawn((route.start)(loop_));
+                let (source, fetch) = (route.source.clone(), (route.start)(loop_));
+                // A panic is caught here so the loop's end still names its route.
+                tasks.spawn(async move {
+                    let panic = AssertUnwindSafe(fetch).catch_unwind().await.err();
+                    LoopEnd { source, panic: panic.map(|p| panic_text(&p)) }
+                });
             }
         }
-        tokio::select! {
-            _ = signal => {}
-            _ = wait_all(&mut tasks) => {}
-        }
+        // Fetch loops end only at shutdown: one that ends before is an error, and a
+        // worker with none left stops with an error rather than as if it had finished.
+        let failed = tokio::select! {
+            _ = signal => None,
+            failed = watch_loops(&mut tasks) => failed,
+        };
         tracing::info!(grace = ?self.shutdown_grace, "shutting down: no new fetches, finishing in-flight work");
         stopping.store(true, Ordering::Release);
         stop.cancel();
@@ -327,15 +335,61 @@ impl App {
             }
         }
         let report = counters.report();
+        if let Some(error) = failed {
+            tracing::error!(?report, error = %error, "worker stopped: no fetch loop left");
+            return Err(error);
+        }
         tracing::info!(?report, "worker stopped");
         Ok(report)
     }
 }
 
-async fn wait_all(tasks: &mut tokio::task::JoinSet<()>) {
+/// How a fetch loop ended: the route it served, and the panic that ended it, if one did.
+struct LoopEnd {
+    source: Source,
+    panic: Option<String>,
+}
+
+impl LoopEnd {
+    fn why(&self) -> String {
+        match &self.panic {
+            Some(panic) => format!("panicked: {panic}"),
+            None => "stopped fetching (the consumer or broker was closed)".to_owned(),
+        }
+    }
+}
+
+/// While the worker runs: every fetch loop that ends is an error (loops end only at
+/// shutdown). Returns once none is left, with an error naming the routes whose loops
+/// ended; `None` at once when there were none (an app without routes has nothing to do).
+async fn watch_loops(tasks: &mut JoinSet<LoopEnd>) -> Option<Error> {
+    if tasks.is_empty() {
+        return None;
+    }
+    let mut ended: Vec<String> = Vec::new();
     while let Some(result) = tasks.join_next().await {
-        if let Err(e) = result {
-            tracing::error!(error = %e, "a fetch loop ended abnormally");
+        let (source, why) = match result {
+            Ok(end) => (end.source.to_string(), end.why()),
+            Err(e) => ("unknown".to_owned(), e.to_string()),
+        };
+        tracing::error!(%source, reason = %why, left = tasks.len(), "a fetch loop ended before shutdown");
+        let entry = format!("{source} ({why})");
+        if !ended.contains(&entry) {
+            ended.push(entry);
+        }
+    }
+    Some(Error::fatal(format!("every fetch loop ended before shutdown: {}", ended.join(", "))))
+}
+
+/// At shutdown: waits for the fetch loops to end, reporting panics.
+async fn wait_all(tasks: &mut JoinSet<LoopEnd>) {
+    while let Some(result) = tasks.join_next().await {
+        match result {
+            Ok(LoopEnd { source, panic: Some(panic) }) => {
+                tracing::error!(%source, %panic, "a fetch loop panicked")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "a fetch loop ended abnormally"),
         }
     }
 }
@@ -428,6 +482,8 @@ impl FetchLoop {
                 r = self.consumer.receive(self.route.options.batch, Duration::from_secs(1)) => r,
             };
             match received {
+                // Nothing arrived within the wait: ask again (an idle route keeps fetching).
+                Ok(batch) if batch.is_empty() => *failures = 0,
                 Ok(batch) => {
                     *failures = 0;
                     return Some(batch);
@@ -515,7 +571,7 @@ impl FetchLoop {
         let mut failures = 0;
         while let Some(batch) = self.next_batch(&mut failures).await {
             let started = Instant::now();
-            let size = batch.len();
+            let size = batch.len().max(1);
             self.handle_batch(&handler, batch).await;
             let per_message = started.elapsed().as_secs_f64() / size as f64;
             (0..size).for_each(|_| self.route.metrics.processing.record(per_message));
@@ -541,7 +597,7 @@ impl FetchLoop {
             Ok(outcomes) => outcomes,
             Err(panic) => vec![Outcome::retry(format!("batch handler panicked: {}", panic_text(&panic))); batch.len()],
         });
-        let (first, rest) = batch.split_first().expect("receive returns at least one");
+        let Some((first, rest)) = batch.split_first() else { return };
         let outcomes = supervise(&route, &self.hard_stop, call, first.receipt(), rest).instrument(span.clone()).await;
         let Some(mut outcomes) = outcomes else {
             route.counters.interrupted.fetch_add(batch.len() as u64, Ordering::Relaxed);

@@ -10,6 +10,7 @@ use courier::{
     headers, App, Context, Destination, DynBroker, Error, Incoming, Json, LocalBroker, Message, Outcome, RetryPolicy,
     RouteOptions, Source,
 };
+use courier_core::Broker as _;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -533,4 +534,52 @@ async fn the_backend_is_chosen_by_url() {
     assert!(err.to_string().contains("memory URL option capacity"), "{err}");
     let err = courier::connect("localhost:5672").await.unwrap_err();
     assert!(err.to_string().contains("is not a URL"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_route_idle_for_seconds_keeps_fetching() {
+    let broker = broker();
+    let (source, dest) = queue("orders");
+    let (done, changed) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
+    let handler = {
+        let (done, changed) = (done.clone(), changed.clone());
+        move |batch: Vec<Incoming>| {
+            done.fetch_add(batch.len(), Ordering::SeqCst);
+            changed.notify_one();
+            std::future::ready(vec![Outcome::Ack; batch.len()])
+        }
+    };
+    // Nothing to fetch for 5 s: every receive in that time comes back empty.
+    tokio::spawn({
+        let broker = broker.clone();
+        async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            broker.send_batch(&dest, (0..10).map(|i| Message::new(format!("{i}"))).collect()).await.unwrap();
+        }
+    });
+    let app = App::new(broker).route_batch(source, handler, RouteOptions::default().concurrency(2).batch(4));
+    let report = tokio::time::timeout(Duration::from_secs(60), app.run_until(when(done.clone(), 10, changed)))
+        .await
+        .expect("the worker handles the messages sent after the idle time")
+        .unwrap();
+    assert_eq!(done.load(Ordering::SeqCst), 10, "every message handled: {report:?}");
+    assert_eq!(report.acked, 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_fails_naming_the_route_when_every_fetch_loop_ends_before_shutdown() {
+    let local = LocalBroker::new();
+    let broker: DynBroker = Arc::new(local.clone());
+    let (source, _) = queue("orders");
+    // Closed under the worker: every receive fails for good and every loop ends.
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        local.close().await.unwrap();
+    });
+    let app = App::new(broker).route_with(source, |_: Context| async {}, RouteOptions::default().concurrency(2));
+    let result = tokio::time::timeout(Duration::from_secs(60), app.run_until(std::future::pending()))
+        .await
+        .expect("run returns once no fetch loop is left");
+    let err = result.expect_err("a worker with no fetch loop left has not finished its work");
+    assert!(err.to_string().contains("queue:orders"), "{err}");
 }
