@@ -297,7 +297,7 @@ impl App {
             };
             let consumer: Arc<dyn Consumer> = Arc::from(self.broker.consumer(&route.source, consumer_options).await?);
             consumers.push(consumer.clone());
-            let shared = Arc::new(RouteRuntime::new(&route, self.broker.clone(), counters.clone()));
+            let shared = Arc::new(RouteRuntime::new(&route, self.broker.clone(), counters.clone(), hard_stop.clone()));
             tracing::info!(source = %route.source, concurrency = route.options.concurrency, "route started");
             for _ in 0..route.options.concurrency {
                 let loop_ = FetchLoop {
@@ -427,6 +427,8 @@ struct RouteRuntime {
     lease_extension: bool,
     counters: Arc<Counters>,
     metrics: RouteMetrics,
+    /// Shutdown's grace is over: settlements stop being retried.
+    hard_stop: CancellationToken,
 }
 
 struct RouteMetrics {
@@ -440,7 +442,7 @@ struct RouteMetrics {
 }
 
 impl RouteRuntime {
-    fn new(route: &Route, broker: DynBroker, counters: Arc<Counters>) -> Self {
+    fn new(route: &Route, broker: DynBroker, counters: Arc<Counters>, hard_stop: CancellationToken) -> Self {
         let caps = broker.capabilities();
         let label = route.source.to_string();
         // Handles are registered once so the per-message cost is an atomic add.
@@ -460,6 +462,7 @@ impl RouteRuntime {
             broker,
             counters,
             metrics,
+            hard_stop,
         }
     }
 }
@@ -554,7 +557,7 @@ impl FetchLoop {
                     // state costs more than the ack itself on a fast backend.
                     count_ack(route, &span);
                     if let Err(e) = receipt.ack().await {
-                        ack_failed(&receipt, e, span).await;
+                        ack_failed(route, &receipt, e, span).await;
                     }
                 } else {
                     conclude(route, receipt, outcome, span).await;
@@ -652,7 +655,7 @@ async fn conclude(route: &RouteRuntime, receipt: Receipt, outcome: Option<Outcom
     if outcome == Outcome::Ack {
         count_ack(route, &span);
         if let Err(e) = receipt.ack().await {
-            ack_failed(&receipt, e, span).await;
+            ack_failed(route, &receipt, e, span).await;
         }
         return;
     }
@@ -668,11 +671,11 @@ fn count_ack(route: &RouteRuntime, span: &Span) {
 }
 
 /// After a failed ack: tries again while the failure is retryable, then reports it.
-async fn ack_failed(receipt: &Receipt, error: Error, span: Span) {
+async fn ack_failed(route: &RouteRuntime, receipt: &Receipt, error: Error, span: Span) {
     let outcome = Outcome::Ack;
     if error.is_retryable() {
         // A span is never entered across an await: `instrument` it instead.
-        let result = Box::pin(with_settle_retries(|| receipt.ack()).instrument(span)).await;
+        let result = Box::pin(with_settle_retries(&route.hard_stop, || receipt.ack()).instrument(span)).await;
         report_settle_failure(result, &outcome);
     } else {
         span.in_scope(|| report_settle_failure(Err(error), &outcome));
@@ -764,27 +767,28 @@ async fn settle(route: &RouteRuntime, delivery: Receipt, outcome: Outcome) {
         Outcome::Ack => {
             route.counters.acked.fetch_add(1, Ordering::Relaxed);
             route.metrics.succeeded.increment(1);
-            with_settle_retries(|| delivery.ack()).await
+            with_settle_retries(&route.hard_stop, || delivery.ack()).await
         }
         Outcome::Retry { after, reason } => match delivery.after_failure(*after) {
             AfterFailure::DeadLetter => {
                 route.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 route.metrics.dead_lettered.increment(1);
                 tracing::warn!(reason, attempt = delivery.attempt(), "giving up: dead-lettering");
-                with_settle_retries(|| async { delivery.fail(reason, *after).await.map(drop) }).await
+                with_settle_retries(&route.hard_stop, || async { delivery.fail(reason, *after).await.map(drop) }).await
             }
             AfterFailure::Redeliver { delay } => {
                 route.counters.retried.fetch_add(1, Ordering::Relaxed);
                 route.metrics.retried.increment(1);
                 tracing::info!(reason, ?delay, "retrying");
                 if route.delayed_retry || delay.is_zero() {
-                    with_settle_retries(|| delivery.retry_after(delay)).await
+                    with_settle_retries(&route.hard_stop, || delivery.retry_after(delay)).await
                 } else {
                     // The backend cannot delay a redelivery: hold the message for the
                     // delay, then hand it back, so the backoff is still honoured.
+                    let hard_stop = route.hard_stop.clone();
                     tokio::spawn(async move {
                         tokio::time::sleep(delay).await;
-                        if let Err(e) = with_settle_retries(|| delivery.retry()).await {
+                        if let Err(e) = with_settle_retries(&hard_stop, || delivery.retry()).await {
                             tracing::warn!(error = %e, "retry failed; the message returns after its lease");
                         }
                     });
@@ -796,27 +800,47 @@ async fn settle(route: &RouteRuntime, delivery: Receipt, outcome: Outcome) {
             route.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
             route.metrics.dead_lettered.increment(1);
             tracing::warn!(reason, "rejected: dead-lettering");
-            with_settle_retries(|| delivery.reject(reason)).await
+            with_settle_retries(&route.hard_stop, || delivery.reject(reason)).await
         }
     };
     report_settle_failure(result, &outcome);
 }
 
-/// Tries a settlement again on retryable errors (a failed settlement hands the delivery back).
-async fn with_settle_retries<'a, F, Fut>(mut settle: F) -> Result<()>
+/// The first pause before a failed settlement is tried again; it doubles up to
+/// [`SETTLE_RETRY_MAX`].
+const SETTLE_RETRY_FIRST: Duration = Duration::from_millis(50);
+/// The longest pause between tries of a failed settlement.
+const SETTLE_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Tries a settlement again, with capped exponential backoff, for as long as it fails
+/// retryably: a settlement is never abandoned while the broker may still take it. It
+/// ends on success, on an error that is not retryable (including a lost lease or a
+/// delivery already settled), or when shutdown's grace is over (`hard_stop`). On an
+/// error the receipt is left unsettled and dropped, so the broker delivers the message
+/// again after its lease.
+async fn with_settle_retries<'a, F, Fut>(hard_stop: &CancellationToken, mut settle: F) -> Result<()>
 where
     F: FnMut() -> Fut + 'a,
     Fut: Future<Output = Result<()>> + 'a,
 {
-    let mut pause = Duration::from_millis(50);
-    for _ in 0..4 {
+    let mut pause = SETTLE_RETRY_FIRST;
+    let mut tries = 1u32;
+    loop {
         match settle().await {
             Err(e) if e.is_retryable() => {
-                tokio::time::sleep(pause).await;
-                pause *= 2;
+                tracing::debug!(error = %e, tries, ?pause, "settlement failed; trying again");
+                tokio::select! {
+                    biased;
+                    _ = hard_stop.cancelled() => {
+                        tracing::warn!(error = %e, tries, "shutdown's grace is over: no more tries of a failed settlement; the message returns after its lease");
+                        return Err(e);
+                    }
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(SETTLE_RETRY_MAX);
+                tries = tries.saturating_add(1);
             }
             other => return other,
         }
     }
-    settle().await
 }
