@@ -293,7 +293,7 @@ impl App {
                 lease: route.options.lease,
                 retry: route.options.retry.clone(),
                 dead_letter: route.options.dead_letter.clone(),
-                prefetch: route.options.batch * route.options.concurrency,
+                prefetch: route.options.batch.saturating_mul(route.options.concurrency),
             };
             let consumer: Arc<dyn Consumer> = Arc::from(self.broker.consumer(&route.source, consumer_options).await?);
             consumers.push(consumer.clone());

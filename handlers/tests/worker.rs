@@ -708,6 +708,31 @@ async fn a_failing_ack_is_retried_until_it_goes_through() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_route_with_huge_batch_and_concurrency_does_not_overflow() {
+    let broker = broker();
+    let (source, dest) = queue("orders");
+    broker.send(&dest, Message::new("x")).await.unwrap();
+    let (done, changed) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
+    let handler = {
+        let (done, changed) = (done.clone(), changed.clone());
+        move |_: Context| {
+            done.fetch_add(1, Ordering::SeqCst);
+            changed.notify_one();
+            async {}
+        }
+    };
+    let options = RouteOptions::default().concurrency(2).batch(usize::MAX);
+    let report = tokio::time::timeout(
+        Duration::from_secs(60),
+        App::new(broker).route_with(source, handler, options).run_until(when(done, 1, changed)),
+    )
+    .await
+    .expect("the message is handled")
+    .unwrap();
+    assert_eq!(report.acked, 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_settlement_that_keeps_failing_does_not_hold_up_shutdown_past_its_grace() {
     let local = LocalBroker::new();
     let failures = Arc::new(AtomicUsize::new(usize::MAX));
