@@ -84,7 +84,8 @@ impl RetryPolicy {
         let full = self.initial_backoff.as_secs_f64() * exp;
         let capped = full.min(self.max_backoff.as_secs_f64());
         let secs = if self.jitter { capped * rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..=1.0) } else { capped };
-        Duration::from_secs_f64(secs)
+        // Past what a Duration holds (an unbounded max backoff): the longest allowed.
+        Duration::try_from_secs_f64(secs).unwrap_or(self.max_backoff)
     }
 }
 
@@ -97,6 +98,14 @@ mod tests {
         let p = RetryPolicy::default().backoff(Duration::from_millis(100), Duration::from_secs(1)).without_jitter();
         let delays: Vec<_> = (1..=6).map(|a| p.delay_after(a).as_millis()).collect();
         assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
+    }
+
+    #[test]
+    fn an_unbounded_backoff_saturates_instead_of_panicking() {
+        let p = RetryPolicy::default().backoff(Duration::from_secs(10), Duration::MAX).without_jitter();
+        assert!(p.delay_after(u32::MAX) >= Duration::from_secs(10 * (1 << 40)));
+        let p = RetryPolicy::default().backoff(Duration::MAX, Duration::MAX);
+        assert!(p.delay_after(1) > Duration::from_secs(1 << 40));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use courier_core::{
 };
 use futures::future::Either;
 use futures::FutureExt;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder, ServiceExt};
@@ -286,17 +287,17 @@ impl App {
         let stopping = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
         let mut consumers = Vec::new();
-        let mut tasks = tokio::task::JoinSet::new();
+        let mut tasks: JoinSet<LoopEnd> = JoinSet::new();
         for route in self.routes {
             let consumer_options = ConsumerOptions {
                 lease: route.options.lease,
                 retry: route.options.retry.clone(),
                 dead_letter: route.options.dead_letter.clone(),
-                prefetch: route.options.batch * route.options.concurrency,
+                prefetch: route.options.batch.saturating_mul(route.options.concurrency),
             };
             let consumer: Arc<dyn Consumer> = Arc::from(self.broker.consumer(&route.source, consumer_options).await?);
             consumers.push(consumer.clone());
-            let shared = Arc::new(RouteRuntime::new(&route, self.broker.clone(), counters.clone()));
+            let shared = Arc::new(RouteRuntime::new(&route, self.broker.clone(), counters.clone(), hard_stop.clone()));
             tracing::info!(source = %route.source, concurrency = route.options.concurrency, "route started");
             for _ in 0..route.options.concurrency {
                 let loop_ = FetchLoop {
@@ -306,13 +307,20 @@ impl App {
                     stopping: stopping.clone(),
                     hard_stop: hard_stop.clone(),
                 };
-                tasks.spawn((route.start)(loop_));
+                let (source, fetch) = (route.source.clone(), (route.start)(loop_));
+                // A panic is caught here so the loop's end still names its route.
+                tasks.spawn(async move {
+                    let panic = AssertUnwindSafe(fetch).catch_unwind().await.err();
+                    LoopEnd { source, panic: panic.map(|p| panic_text(&p)) }
+                });
             }
         }
-        tokio::select! {
-            _ = signal => {}
-            _ = wait_all(&mut tasks) => {}
-        }
+        // Fetch loops end only at shutdown: one that ends before is an error, and a
+        // worker with none left stops with an error rather than as if it had finished.
+        let failed = tokio::select! {
+            _ = signal => None,
+            failed = watch_loops(&mut tasks) => failed,
+        };
         tracing::info!(grace = ?self.shutdown_grace, "shutting down: no new fetches, finishing in-flight work");
         stopping.store(true, Ordering::Release);
         stop.cancel();
@@ -327,15 +335,61 @@ impl App {
             }
         }
         let report = counters.report();
+        if let Some(error) = failed {
+            tracing::error!(?report, error = %error, "worker stopped: no fetch loop left");
+            return Err(error);
+        }
         tracing::info!(?report, "worker stopped");
         Ok(report)
     }
 }
 
-async fn wait_all(tasks: &mut tokio::task::JoinSet<()>) {
+/// How a fetch loop ended: the route it served, and the panic that ended it, if one did.
+struct LoopEnd {
+    source: Source,
+    panic: Option<String>,
+}
+
+impl LoopEnd {
+    fn why(&self) -> String {
+        match &self.panic {
+            Some(panic) => format!("panicked: {panic}"),
+            None => "stopped fetching (the consumer or broker was closed)".to_owned(),
+        }
+    }
+}
+
+/// While the worker runs: every fetch loop that ends is an error (loops end only at
+/// shutdown). Returns once none is left, with an error naming the routes whose loops
+/// ended; `None` at once when there were none (an app without routes has nothing to do).
+async fn watch_loops(tasks: &mut JoinSet<LoopEnd>) -> Option<Error> {
+    if tasks.is_empty() {
+        return None;
+    }
+    let mut ended: Vec<String> = Vec::new();
     while let Some(result) = tasks.join_next().await {
-        if let Err(e) = result {
-            tracing::error!(error = %e, "a fetch loop ended abnormally");
+        let (source, why) = match result {
+            Ok(end) => (end.source.to_string(), end.why()),
+            Err(e) => ("unknown".to_owned(), e.to_string()),
+        };
+        tracing::error!(%source, reason = %why, left = tasks.len(), "a fetch loop ended before shutdown");
+        let entry = format!("{source} ({why})");
+        if !ended.contains(&entry) {
+            ended.push(entry);
+        }
+    }
+    Some(Error::fatal(format!("every fetch loop ended before shutdown: {}", ended.join(", "))))
+}
+
+/// At shutdown: waits for the fetch loops to end, reporting panics.
+async fn wait_all(tasks: &mut JoinSet<LoopEnd>) {
+    while let Some(result) = tasks.join_next().await {
+        match result {
+            Ok(LoopEnd { source, panic: Some(panic) }) => {
+                tracing::error!(%source, %panic, "a fetch loop panicked")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "a fetch loop ended abnormally"),
         }
     }
 }
@@ -373,6 +427,8 @@ struct RouteRuntime {
     lease_extension: bool,
     counters: Arc<Counters>,
     metrics: RouteMetrics,
+    /// Shutdown's grace is over: settlements stop being retried.
+    hard_stop: CancellationToken,
 }
 
 struct RouteMetrics {
@@ -386,7 +442,7 @@ struct RouteMetrics {
 }
 
 impl RouteRuntime {
-    fn new(route: &Route, broker: DynBroker, counters: Arc<Counters>) -> Self {
+    fn new(route: &Route, broker: DynBroker, counters: Arc<Counters>, hard_stop: CancellationToken) -> Self {
         let caps = broker.capabilities();
         let label = route.source.to_string();
         // Handles are registered once so the per-message cost is an atomic add.
@@ -406,6 +462,7 @@ impl RouteRuntime {
             broker,
             counters,
             metrics,
+            hard_stop,
         }
     }
 }
@@ -428,6 +485,8 @@ impl FetchLoop {
                 r = self.consumer.receive(self.route.options.batch, Duration::from_secs(1)) => r,
             };
             match received {
+                // Nothing arrived within the wait: ask again (an idle route keeps fetching).
+                Ok(batch) if batch.is_empty() => *failures = 0,
                 Ok(batch) => {
                     *failures = 0;
                     return Some(batch);
@@ -498,7 +557,7 @@ impl FetchLoop {
                     // state costs more than the ack itself on a fast backend.
                     count_ack(route, &span);
                     if let Err(e) = receipt.ack().await {
-                        ack_failed(&receipt, e, span).await;
+                        ack_failed(route, &receipt, e, span).await;
                     }
                 } else {
                     conclude(route, receipt, outcome, span).await;
@@ -515,7 +574,7 @@ impl FetchLoop {
         let mut failures = 0;
         while let Some(batch) = self.next_batch(&mut failures).await {
             let started = Instant::now();
-            let size = batch.len();
+            let size = batch.len().max(1);
             self.handle_batch(&handler, batch).await;
             let per_message = started.elapsed().as_secs_f64() / size as f64;
             (0..size).for_each(|_| self.route.metrics.processing.record(per_message));
@@ -541,7 +600,7 @@ impl FetchLoop {
             Ok(outcomes) => outcomes,
             Err(panic) => vec![Outcome::retry(format!("batch handler panicked: {}", panic_text(&panic))); batch.len()],
         });
-        let (first, rest) = batch.split_first().expect("receive returns at least one");
+        let Some((first, rest)) = batch.split_first() else { return };
         let outcomes = supervise(&route, &self.hard_stop, call, first.receipt(), rest).instrument(span.clone()).await;
         let Some(mut outcomes) = outcomes else {
             route.counters.interrupted.fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -596,7 +655,7 @@ async fn conclude(route: &RouteRuntime, receipt: Receipt, outcome: Option<Outcom
     if outcome == Outcome::Ack {
         count_ack(route, &span);
         if let Err(e) = receipt.ack().await {
-            ack_failed(&receipt, e, span).await;
+            ack_failed(route, &receipt, e, span).await;
         }
         return;
     }
@@ -612,11 +671,11 @@ fn count_ack(route: &RouteRuntime, span: &Span) {
 }
 
 /// After a failed ack: tries again while the failure is retryable, then reports it.
-async fn ack_failed(receipt: &Receipt, error: Error, span: Span) {
+async fn ack_failed(route: &RouteRuntime, receipt: &Receipt, error: Error, span: Span) {
     let outcome = Outcome::Ack;
     if error.is_retryable() {
         // A span is never entered across an await: `instrument` it instead.
-        let result = Box::pin(with_settle_retries(|| receipt.ack()).instrument(span)).await;
+        let result = Box::pin(with_settle_retries(&route.hard_stop, || receipt.ack()).instrument(span)).await;
         report_settle_failure(result, &outcome);
     } else {
         span.in_scope(|| report_settle_failure(Err(error), &outcome));
@@ -708,27 +767,28 @@ async fn settle(route: &RouteRuntime, delivery: Receipt, outcome: Outcome) {
         Outcome::Ack => {
             route.counters.acked.fetch_add(1, Ordering::Relaxed);
             route.metrics.succeeded.increment(1);
-            with_settle_retries(|| delivery.ack()).await
+            with_settle_retries(&route.hard_stop, || delivery.ack()).await
         }
         Outcome::Retry { after, reason } => match delivery.after_failure(*after) {
             AfterFailure::DeadLetter => {
                 route.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 route.metrics.dead_lettered.increment(1);
                 tracing::warn!(reason, attempt = delivery.attempt(), "giving up: dead-lettering");
-                with_settle_retries(|| async { delivery.fail(reason, *after).await.map(drop) }).await
+                with_settle_retries(&route.hard_stop, || async { delivery.fail(reason, *after).await.map(drop) }).await
             }
             AfterFailure::Redeliver { delay } => {
                 route.counters.retried.fetch_add(1, Ordering::Relaxed);
                 route.metrics.retried.increment(1);
                 tracing::info!(reason, ?delay, "retrying");
                 if route.delayed_retry || delay.is_zero() {
-                    with_settle_retries(|| delivery.retry_after(delay)).await
+                    with_settle_retries(&route.hard_stop, || delivery.retry_after(delay)).await
                 } else {
                     // The backend cannot delay a redelivery: hold the message for the
                     // delay, then hand it back, so the backoff is still honoured.
+                    let hard_stop = route.hard_stop.clone();
                     tokio::spawn(async move {
                         tokio::time::sleep(delay).await;
-                        if let Err(e) = with_settle_retries(|| delivery.retry()).await {
+                        if let Err(e) = with_settle_retries(&hard_stop, || delivery.retry()).await {
                             tracing::warn!(error = %e, "retry failed; the message returns after its lease");
                         }
                     });
@@ -740,27 +800,47 @@ async fn settle(route: &RouteRuntime, delivery: Receipt, outcome: Outcome) {
             route.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
             route.metrics.dead_lettered.increment(1);
             tracing::warn!(reason, "rejected: dead-lettering");
-            with_settle_retries(|| delivery.reject(reason)).await
+            with_settle_retries(&route.hard_stop, || delivery.reject(reason)).await
         }
     };
     report_settle_failure(result, &outcome);
 }
 
-/// Tries a settlement again on retryable errors (a failed settlement hands the delivery back).
-async fn with_settle_retries<'a, F, Fut>(mut settle: F) -> Result<()>
+/// The first pause before a failed settlement is tried again; it doubles up to
+/// [`SETTLE_RETRY_MAX`].
+const SETTLE_RETRY_FIRST: Duration = Duration::from_millis(50);
+/// The longest pause between tries of a failed settlement.
+const SETTLE_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Tries a settlement again, with capped exponential backoff, for as long as it fails
+/// retryably: a settlement is never abandoned while the broker may still take it. It
+/// ends on success, on an error that is not retryable (including a lost lease or a
+/// delivery already settled), or when shutdown's grace is over (`hard_stop`). On an
+/// error the receipt is left unsettled and dropped, so the broker delivers the message
+/// again after its lease.
+async fn with_settle_retries<'a, F, Fut>(hard_stop: &CancellationToken, mut settle: F) -> Result<()>
 where
     F: FnMut() -> Fut + 'a,
     Fut: Future<Output = Result<()>> + 'a,
 {
-    let mut pause = Duration::from_millis(50);
-    for _ in 0..4 {
+    let mut pause = SETTLE_RETRY_FIRST;
+    let mut tries = 1u32;
+    loop {
         match settle().await {
             Err(e) if e.is_retryable() => {
-                tokio::time::sleep(pause).await;
-                pause *= 2;
+                tracing::debug!(error = %e, tries, ?pause, "settlement failed; trying again");
+                tokio::select! {
+                    biased;
+                    _ = hard_stop.cancelled() => {
+                        tracing::warn!(error = %e, tries, "shutdown's grace is over: no more tries of a failed settlement; the message returns after its lease");
+                        return Err(e);
+                    }
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(SETTLE_RETRY_MAX);
+                tries = tries.saturating_add(1);
             }
             other => return other,
         }
     }
-    settle().await
 }

@@ -10,6 +10,7 @@ use courier::{
     headers, App, Context, Destination, DynBroker, Error, Incoming, Json, LocalBroker, Message, Outcome, RetryPolicy,
     RouteOptions, Source,
 };
+use courier_core::Broker as _;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -533,4 +534,230 @@ async fn the_backend_is_chosen_by_url() {
     assert!(err.to_string().contains("memory URL option capacity"), "{err}");
     let err = courier::connect("localhost:5672").await.unwrap_err();
     assert!(err.to_string().contains("is not a URL"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_route_idle_for_seconds_keeps_fetching() {
+    let broker = broker();
+    let (source, dest) = queue("orders");
+    let (done, changed) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
+    let handler = {
+        let (done, changed) = (done.clone(), changed.clone());
+        move |batch: Vec<Incoming>| {
+            done.fetch_add(batch.len(), Ordering::SeqCst);
+            changed.notify_one();
+            std::future::ready(vec![Outcome::Ack; batch.len()])
+        }
+    };
+    // Nothing to fetch for 5 s: every receive in that time comes back empty.
+    tokio::spawn({
+        let broker = broker.clone();
+        async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            broker.send_batch(&dest, (0..10).map(|i| Message::new(format!("{i}"))).collect()).await.unwrap();
+        }
+    });
+    let app = App::new(broker).route_batch(source, handler, RouteOptions::default().concurrency(2).batch(4));
+    let report = tokio::time::timeout(Duration::from_secs(60), app.run_until(when(done.clone(), 10, changed)))
+        .await
+        .expect("the worker handles the messages sent after the idle time")
+        .unwrap();
+    assert_eq!(done.load(Ordering::SeqCst), 10, "every message handled: {report:?}");
+    assert_eq!(report.acked, 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_fails_naming_the_route_when_every_fetch_loop_ends_before_shutdown() {
+    let local = LocalBroker::new();
+    let broker: DynBroker = Arc::new(local.clone());
+    let (source, _) = queue("orders");
+    // Closed under the worker: every receive fails for good and every loop ends.
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        local.close().await.unwrap();
+    });
+    let app = App::new(broker).route_with(source, |_: Context| async {}, RouteOptions::default().concurrency(2));
+    let result = tokio::time::timeout(Duration::from_secs(60), app.run_until(std::future::pending()))
+        .await
+        .expect("run returns once no fetch loop is left");
+    let err = result.expect_err("a worker with no fetch loop left has not finished its work");
+    assert!(err.to_string().contains("queue:orders"), "{err}");
+}
+
+/// A broker whose acks fail, retryably, a given number of times before going through.
+#[derive(Debug)]
+struct FlakyAcks {
+    inner: LocalBroker,
+    failures: Arc<AtomicUsize>,
+}
+
+struct FlakyConsumer {
+    inner: Box<dyn courier_core::Consumer>,
+    failures: Arc<AtomicUsize>,
+}
+
+struct FlakyAcker {
+    receipt: courier_core::Receipt,
+    failures: Arc<AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl courier_core::Broker for FlakyAcks {
+    fn capabilities(&self) -> &courier_core::Capabilities {
+        self.inner.capabilities()
+    }
+    async fn send(&self, destination: &Destination, message: Message) -> courier::Result<courier::MessageId> {
+        self.inner.send(destination, message).await
+    }
+    async fn consumer(
+        &self,
+        source: &Source,
+        options: courier_core::ConsumerOptions,
+    ) -> courier::Result<Box<dyn courier_core::Consumer>> {
+        let inner = self.inner.consumer(source, options).await?;
+        Ok(Box::new(FlakyConsumer { inner, failures: self.failures.clone() }))
+    }
+    async fn declare(&self, source: &Source) -> courier::Result<()> {
+        self.inner.declare(source).await
+    }
+    async fn close(&self) -> courier::Result<()> {
+        self.inner.close().await
+    }
+}
+
+#[async_trait::async_trait]
+impl courier_core::Consumer for FlakyConsumer {
+    fn source(&self) -> &Source {
+        self.inner.source()
+    }
+    async fn receive(&self, max: usize, wait: Duration) -> courier::Result<Vec<courier::Delivery>> {
+        let received = self.inner.receive(max, wait).await?;
+        Ok(received
+            .into_iter()
+            .map(|d| {
+                let attempt = d.attempt();
+                let (message, receipt) = d.into_parts();
+                let acker = FlakyAcker { receipt, failures: self.failures.clone() };
+                courier::Delivery::new(message, attempt, Box::new(acker))
+            })
+            .collect())
+    }
+    async fn close(&self) -> courier::Result<()> {
+        self.inner.close().await
+    }
+}
+
+#[async_trait::async_trait]
+impl courier_core::Acknowledger for FlakyAcker {
+    fn policy(&self) -> &courier_core::SettlePolicy {
+        self.receipt.policy()
+    }
+    async fn ack(&self) -> courier::Result<()> {
+        if self.failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Err(Error::transient("flaky", "connection dropped", std::io::Error::other("reset")));
+        }
+        self.receipt.ack().await
+    }
+    async fn redeliver(&self, delay: Option<Duration>) -> courier::Result<()> {
+        self.receipt.retry_after(delay.unwrap_or_default()).await
+    }
+    async fn dead_letter(&self, letter: &courier_core::DeadLetter) -> courier::Result<()> {
+        self.receipt.reject(letter.reason()).await
+    }
+    async fn extend_lease(&self, by: Duration) -> courier::Result<()> {
+        self.receipt.extend_lease(by).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_ack_is_retried_until_it_goes_through() {
+    let local = LocalBroker::new();
+    let failures = Arc::new(AtomicUsize::new(8));
+    let broker: DynBroker = Arc::new(FlakyAcks { inner: local.clone(), failures: failures.clone() });
+    let (source, dest) = queue("orders");
+    broker.send(&dest, Message::new("x")).await.unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let calls = calls.clone();
+        move |_: Context| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async {}
+        }
+    };
+    let settled = {
+        let (local, source, failures) = (local.clone(), source.clone(), failures.clone());
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let stats = local.stats(&source).await.unwrap();
+                if failures.load(Ordering::SeqCst) == 0 && stats.in_flight == 0 && stats.depth == 0 {
+                    return;
+                }
+            }
+        }
+    };
+    let app = App::new(broker).route_with(source.clone(), handler, RouteOptions::default().concurrency(1));
+    let report = tokio::time::timeout(Duration::from_secs(600), app.run_until(settled))
+        .await
+        .expect("the message is settled in the end")
+        .unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "handled once: its ack was retried, not abandoned to the lease");
+    assert_eq!(report.acked, 1);
+    let stats = local.stats(&source).await.unwrap();
+    assert_eq!((stats.depth, stats.in_flight, stats.dead_lettered), (0, 0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_route_with_huge_batch_and_concurrency_does_not_overflow() {
+    let broker = broker();
+    let (source, dest) = queue("orders");
+    broker.send(&dest, Message::new("x")).await.unwrap();
+    let (done, changed) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
+    let handler = {
+        let (done, changed) = (done.clone(), changed.clone());
+        move |_: Context| {
+            done.fetch_add(1, Ordering::SeqCst);
+            changed.notify_one();
+            async {}
+        }
+    };
+    let options = RouteOptions::default().concurrency(2).batch(usize::MAX);
+    let report = tokio::time::timeout(
+        Duration::from_secs(60),
+        App::new(broker).route_with(source, handler, options).run_until(when(done, 1, changed)),
+    )
+    .await
+    .expect("the message is handled")
+    .unwrap();
+    assert_eq!(report.acked, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_settlement_that_keeps_failing_does_not_hold_up_shutdown_past_its_grace() {
+    let local = LocalBroker::new();
+    let failures = Arc::new(AtomicUsize::new(usize::MAX));
+    let broker: DynBroker = Arc::new(FlakyAcks { inner: local.clone(), failures });
+    let (source, dest) = queue("orders");
+    broker.send(&dest, Message::new("x")).await.unwrap();
+    let (calls, changed) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
+    let handler = {
+        let (calls, changed) = (calls.clone(), changed.clone());
+        move |_: Context| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            changed.notify_one();
+            async {}
+        }
+    };
+    let app = App::new(broker)
+        .route_with(source.clone(), handler, RouteOptions::default().concurrency(1))
+        .shutdown_grace(Duration::from_secs(3));
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(600), app.run_until(when(calls, 1, changed)))
+        .await
+        .expect("shutdown ends when its grace is over")
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10), "stopped after the grace: {:?}", started.elapsed());
+    // Never acked: the message is handed back for another delivery, not lost.
+    let stats = local.stats(&source).await.unwrap();
+    assert_eq!((stats.depth, stats.in_flight), (1, 0));
 }

@@ -241,8 +241,17 @@ impl BrokerInner {
     }
 
     /// Drops messages whose dedup id was seen within the window; returns the ids to
-    /// report for every message (a duplicate reports the first one's id).
-    fn dedup(&self, destination: &Destination, messages: &mut Vec<Message>) -> Option<Vec<MessageId>> {
+    /// report for every message (a duplicate reports the first one's id), and the
+    /// dedup ids recorded by this send, to be forgotten if the send does not complete.
+    ///
+    /// Ids are recorded here, before room is reserved, so that two sends of the same id
+    /// racing for room cannot both get in; [`DedupRecord`] takes them back out when the
+    /// send fails or is cancelled, so a retried send is not taken for a duplicate.
+    fn dedup(
+        &self,
+        destination: &Destination,
+        messages: &mut Vec<Message>,
+    ) -> Option<(Vec<MessageId>, DedupRecord<'_>)> {
         if messages.iter().all(|m| m.dedup_id.is_none()) {
             return None;
         }
@@ -251,6 +260,7 @@ impl BrokerInner {
         let now = Instant::now();
         window.expire(now, self.config.dedup_window);
         let mut ids = Vec::with_capacity(messages.len());
+        let mut recorded = Vec::new();
         messages.retain(|m| {
             let Some(dedup_id) = &m.dedup_id else {
                 ids.push(m.id.clone());
@@ -264,31 +274,37 @@ impl BrokerInner {
                 None => {
                     window.seen.insert(dedup_id.clone(), m.id.clone());
                     window.order.push_back((now, dedup_id.clone()));
+                    recorded.push((dedup_id.clone(), m.id.clone()));
                     ids.push(m.id.clone());
                     true
                 }
             }
         });
-        Some(ids)
+        let record = DedupRecord { broker: self, destination: destination.clone(), at: now, recorded, kept: false };
+        Some((ids, record))
     }
 
     async fn send_all(&self, destination: &Destination, mut messages: Vec<Message>) -> Result<Vec<MessageId>> {
         self.open.check()?;
         self.caps.check_batch(&messages)?;
-        let ids = self.dedup(destination, &mut messages);
-        let ids = ids.unwrap_or_else(|| messages.iter().map(|m| m.id.clone()).collect());
+        let (ids, record) = match self.dedup(destination, &mut messages) {
+            Some((ids, record)) => (ids, Some(record)),
+            None => (messages.iter().map(|m| m.id.clone()).collect(), None),
+        };
         if messages.is_empty() {
             return Ok(ids);
         }
         let targets = self.targets(destination);
-        // All or nothing: reserve room in every target before adding anywhere.
-        for (i, q) in targets.iter().enumerate() {
-            if let Err(e) = q.reserve(messages.len()).await {
-                for q in &targets[..i] {
-                    q.unreserve(messages.len());
-                }
-                return Err(e);
-            }
+        // All or nothing: reserve room in every target before adding anywhere. A failed
+        // or cancelled reservation drops `record`, which forgets this send's dedup ids.
+        let mut reserved = Reserved { targets: &targets, done: 0, n: messages.len() };
+        for q in &targets {
+            q.reserve(messages.len()).await?;
+            reserved.done += 1;
+        }
+        reserved.done = 0;
+        if let Some(record) = record {
+            record.keep();
         }
         if let Some((last, others)) = targets.split_last() {
             for q in others {
@@ -321,6 +337,58 @@ impl BrokerInner {
                 q.ok_or_else(|| missing("subscription", subscription))
             }
         }
+    }
+}
+
+/// Room reserved in the first `done` targets, given back unless the send completes
+/// (a reservation that failed, or a send cancelled while it waited for room).
+struct Reserved<'a> {
+    targets: &'a [Arc<Queue>],
+    done: usize,
+    n: usize,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        for q in &self.targets[..self.done] {
+            q.unreserve(self.n);
+        }
+    }
+}
+
+/// The dedup ids a send recorded; forgotten when dropped before [`keep`](Self::keep), so
+/// a send that failed (`Full`) or was cancelled can be retried with the same id.
+struct DedupRecord<'a> {
+    broker: &'a BrokerInner,
+    destination: Destination,
+    at: Instant,
+    recorded: Vec<(String, MessageId)>,
+    kept: bool,
+}
+
+impl DedupRecord<'_> {
+    /// The messages are stored: their dedup ids stay for the window.
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for DedupRecord<'_> {
+    fn drop(&mut self) {
+        if self.kept || self.recorded.is_empty() {
+            return;
+        }
+        let mut windows = self.broker.dedup.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(window) = windows.get_mut(&self.destination) else { return };
+        for (dedup_id, id) in &self.recorded {
+            if window.seen.get(dedup_id) == Some(id) {
+                window.seen.remove(dedup_id);
+            }
+        }
+        // Their place in the expiry order goes too, so it cannot expire a later record.
+        let at = self.at;
+        let recorded = &self.recorded;
+        window.order.retain(|(t, dedup_id)| *t != at || !recorded.iter().any(|(d, _)| d == dedup_id));
     }
 }
 

@@ -14,6 +14,16 @@ use tokio::time::Instant;
 use crate::entry::Entry;
 use crate::{BrokerInner, WhenFull};
 
+/// How far ahead an unbounded delay, lease or wait is put: later than any real deadline.
+const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `by` after `now`, saturating: a delay or lease too long for the clock (such as
+/// `Duration::MAX`) means "not in this process's lifetime", never a panic, which would
+/// lose a message already taken out of its place.
+fn later(now: Instant, by: Duration) -> Instant {
+    now.checked_add(by.min(FAR_FUTURE)).unwrap_or(now)
+}
+
 /// Settings a consumer's deliveries carry, so leases that expire in the timer task
 /// know how to treat them.
 pub(crate) struct ConsumerPolicy {
@@ -248,7 +258,7 @@ impl Queue {
         for (entry, delay) in entries {
             match delay.filter(|d| !d.is_zero()) {
                 Some(delay) => {
-                    let due = *now.get_or_insert_with(Instant::now) + delay;
+                    let due = later(*now.get_or_insert_with(Instant::now), delay);
                     let seq = st.next_seq;
                     st.next_seq += 1;
                     st.delayed.push(Reverse(Delayed { due, seq, entry, retry: false }));
@@ -295,7 +305,7 @@ impl Queue {
         consumer: &courier_core::backend::OpenGuard,
     ) -> Result<Vec<(u64, u32, courier_core::Message)>> {
         let started = Instant::now();
-        let deadline = started + wait;
+        let deadline = later(started, wait);
         let max = max.max(1);
         let mut first_try = true;
         loop {
@@ -310,7 +320,7 @@ impl Queue {
                 }
                 if !st.ready.is_empty() {
                     let now = if first_try { started } else { Instant::now() };
-                    let lease_deadline = now + policy.lease;
+                    let lease_deadline = later(now, policy.lease);
                     let n = max.min(st.ready.len());
                     let mut taken = Vec::with_capacity(n);
                     for _ in 0..n {
@@ -364,7 +374,7 @@ impl Queue {
         let flight_entry = flight.entry;
         match delay.filter(|d| !d.is_zero()) {
             Some(delay) => {
-                let due = Instant::now() + delay;
+                let due = later(Instant::now(), delay);
                 let seq = st.next_seq;
                 st.next_seq += 1;
                 st.delayed.push(Reverse(Delayed { due, seq, entry: flight_entry, retry: true }));
@@ -392,7 +402,7 @@ impl Queue {
     /// Moves an in-flight delivery's lease deadline to `by` from now.
     pub fn extend(&self, tag: u64, id: &MessageId, by: Duration) -> Result<()> {
         let mut st = self.lock();
-        let deadline = Instant::now() + by;
+        let deadline = later(Instant::now(), by);
         let flight = st.in_flight.get_mut(&tag).ok_or_else(|| Self::settle_lost(id))?;
         let old = std::mem::replace(&mut flight.deadline, deadline);
         st.forget_lease(old, tag);

@@ -124,3 +124,71 @@ async fn stats_and_purge_of_an_unknown_source_say_it_does_not_exist() {
     let err = broker.stats(&Source::queue("nope").unwrap()).await.unwrap_err();
     assert_eq!(err.to_string(), "queue \"nope\" does not exist; declare it first or enable creation");
 }
+
+#[tokio::test]
+async fn a_send_refused_as_full_is_not_remembered_as_a_duplicate() {
+    let broker = LocalBroker::from_url("memory://?capacity=1&when_full=error").unwrap();
+    let (source, dest) = orders();
+    let consumer = broker.consumer(&source, ConsumerOptions::default()).await.unwrap();
+    broker.send(&dest, Message::new("filler")).await.unwrap();
+    let err = broker.send(&dest, Message::new("important").with_dedup_id("X")).await.unwrap_err();
+    assert!(matches!(err, Error::Full { .. }), "{err}");
+    let filler = consumer.receive_one(Duration::from_secs(1)).await.unwrap().expect("the filler");
+    filler.ack().await.unwrap();
+    // The producer retries the retryable Full: the message was never stored, so it is no duplicate.
+    broker.send(&dest, Message::new("important").with_dedup_id("X")).await.unwrap();
+    let d = consumer.receive_one(Duration::from_secs(1)).await.unwrap().expect("the resent message is delivered");
+    assert_eq!(&d.payload[..], b"important");
+    d.ack().await.unwrap();
+    // Once stored, the dedup id is remembered: a true duplicate is still dropped.
+    broker.send(&dest, Message::new("important").with_dedup_id("X")).await.unwrap();
+    assert!(consumer.receive_one(Duration::from_millis(50)).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_send_cancelled_while_waiting_for_room_is_not_remembered_as_a_duplicate() {
+    let broker = LocalBroker::from_url("memory://?capacity=1&when_full=wait").unwrap();
+    let (source, dest) = orders();
+    let consumer = broker.consumer(&source, ConsumerOptions::default()).await.unwrap();
+    broker.send(&dest, Message::new("filler")).await.unwrap();
+    let waited = tokio::time::timeout(
+        Duration::from_millis(50),
+        broker.send(&dest, Message::new("important").with_dedup_id("X")),
+    )
+    .await;
+    assert!(waited.is_err(), "the queue is full, so the send waits until the timeout cancels it");
+    let filler = consumer.receive_one(Duration::from_secs(1)).await.unwrap().expect("the filler");
+    filler.ack().await.unwrap();
+    broker.send(&dest, Message::new("important").with_dedup_id("X")).await.unwrap();
+    let d = consumer.receive_one(Duration::from_secs(1)).await.unwrap().expect("the resent message is delivered");
+    assert_eq!(&d.payload[..], b"important");
+}
+
+#[tokio::test]
+async fn huge_delays_and_leases_neither_panic_nor_lose_the_message() {
+    let broker = LocalBroker::new();
+    let (source, dest) = orders();
+    // A delayed send longer than the backend holds is refused before anything changes.
+    let err = broker.send(&dest, Message::new("never").with_delay(Duration::MAX)).await.unwrap_err();
+    assert!(matches!(err, Error::DelayTooLong { .. }), "{err}");
+    broker.declare(&source).await.unwrap();
+    let stats = broker.stats(&source).await.unwrap();
+    assert_eq!((stats.depth, stats.delayed), (0, 0));
+
+    // A retry after an unbounded delay keeps the message, held back.
+    let consumer = broker.consumer(&source, ConsumerOptions::default()).await.unwrap();
+    broker.send(&dest, Message::new("x")).await.unwrap();
+    let d = consumer.receive_one(Duration::from_secs(1)).await.unwrap().unwrap();
+    d.extend_lease(Duration::MAX).await.unwrap();
+    d.retry_after(Duration::MAX).await.unwrap();
+    let stats = broker.stats(&source).await.unwrap();
+    assert_eq!((stats.in_flight, stats.delayed), (0, 1), "the message is held, not lost");
+
+    // A consumer with an unbounded lease and an unbounded wait still receives.
+    let other = Source::queue("other").unwrap();
+    let consumer = broker.consumer(&other, ConsumerOptions::default().lease(Duration::MAX)).await.unwrap();
+    broker.send(&other.destination(), Message::new("y")).await.unwrap();
+    let d = consumer.receive_one(Duration::MAX).await.unwrap().expect("delivered");
+    assert_eq!(broker.stats(&other).await.unwrap().in_flight, 1);
+    d.ack().await.unwrap();
+}
