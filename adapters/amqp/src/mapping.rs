@@ -132,8 +132,13 @@ pub(crate) fn message(data: Bytes, props: &BasicProperties, redelivered: bool) -
         }
     }
     let id = props.message_id().as_ref().map(|s| MessageId::from(s.as_str())).unwrap_or_else(MessageId::generate);
-    let timestamp =
-        props.timestamp().map(|secs| UNIX_EPOCH + Duration::from_secs(secs)).unwrap_or_else(SystemTime::now);
+    // A timestamp past what `SystemTime` holds (2^63 seconds and more on Unix) names no
+    // time at all: the message gets its receive time, as one without a timestamp does,
+    // rather than UNIX_EPOCH, which would make it look 56 years old.
+    let timestamp = props
+        .timestamp()
+        .and_then(|secs| UNIX_EPOCH.checked_add(Duration::from_secs(secs)))
+        .unwrap_or_else(SystemTime::now);
     let message = Message {
         id,
         payload: data,
@@ -211,5 +216,19 @@ mod tests {
         assert_eq!(m.header("bytes"), Some("raw"));
         assert_eq!(m.header("amqp-correlation-id"), Some("c-9"));
         assert_eq!(m.id.as_str().len(), 22, "a fresh id when the publisher gave none");
+    }
+
+    #[test]
+    fn a_timestamp_past_what_system_time_holds_is_the_receive_time() {
+        // 2^64 - 1 seconds since the epoch: more than SystemTime holds (2^63 seconds on Unix).
+        let before = SystemTime::now();
+        let props = BasicProperties::default().with_timestamp(u64::MAX).with_message_id("far-future".into());
+        let (m, attempt) = message(Bytes::from_static(b"x"), &props, false);
+        assert_eq!((m.id.as_str(), attempt), ("far-future", 1), "the message itself is intact");
+        assert!(m.timestamp >= before && m.timestamp <= SystemTime::now(), "{:?}", m.timestamp);
+        // A time far off but one SystemTime holds is kept as it is.
+        let props = BasicProperties::default().with_timestamp(i64::MAX as u64 / 2);
+        let (m, _) = message(Bytes::from_static(b"x"), &props, false);
+        assert_eq!(m.timestamp.duration_since(UNIX_EPOCH).unwrap().as_secs(), i64::MAX as u64 / 2);
     }
 }
