@@ -323,13 +323,15 @@ pub(crate) fn join_list<S: AsRef<str>>(items: &[S], word: &str) -> String {
 }
 
 /// A URL with its password and secret-looking query values replaced by `***`, for
-/// errors, logs and `Debug` output.
+/// errors, logs and `Debug` output. Userinfo without a colon may be a token rather than a
+/// user name, so it is hidden whole.
 ///
 /// ```
 /// assert_eq!(
 ///     courier_core::redact_url("amqp://app:s3cret@mq:5672/prod?token=abc&heartbeat=10"),
 ///     "amqp://app:***@mq:5672/prod?token=***&heartbeat=10"
 /// );
+/// assert_eq!(courier_core::redact_url("myq://tok3n@host"), "myq://***@host");
 /// ```
 pub fn redact_url(url: &str) -> String {
     let (head, query) = match url.split_once('?') {
@@ -347,7 +349,10 @@ pub fn redact_url(url: &str) -> String {
             let authority = match authority.rsplit_once('@') {
                 Some((userinfo, host)) => match userinfo.split_once(':') {
                     Some((user, _)) => format!("{user}:***@{host}"),
-                    None => format!("{userinfo}@{host}"),
+                    // Userinfo without a colon is a user name to some backends and a
+                    // token (a secret) to others (`scheme://tok3n@host`); this cannot
+                    // know which, so it hides it.
+                    None => format!("***@{host}"),
                 },
                 None => authority.to_owned(),
             };
@@ -356,7 +361,8 @@ pub fn redact_url(url: &str) -> String {
                 None => format!("{scheme}://{authority}"),
             }
         }
-        None => head.to_owned(),
+        // Not a URL (`amqp:/user:pw@h`, a typo): anything up to an `@` may be a password.
+        None => hide_userinfo(head),
     };
     redact_query(out, query)
 }
@@ -377,8 +383,17 @@ fn redact_query(mut out: String, query: Option<&str>) -> String {
     out
 }
 
-/// Whether an option's value may be a secret, so that errors and logs hide it.
-pub(crate) fn is_secret_key(key: &str) -> bool {
+/// Whether an option's (or a client setting's) value may be a secret, so that errors and
+/// logs hide it: its name holds `password`, `passwd`, `secret`, `token`, `key`,
+/// `credential` or `sasl`, in any case.
+///
+/// ```
+/// use courier_core::backend::is_secret_key;
+///
+/// assert!(is_secret_key("sasl.password") && is_secret_key("ssl.key.location") && is_secret_key("Token"));
+/// assert!(!is_secret_key("heartbeat"));
+/// ```
+pub fn is_secret_key(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
     ["password", "passwd", "secret", "token", "key", "credential", "sasl"].iter().any(|s| k.contains(s))
 }
