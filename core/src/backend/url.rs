@@ -13,7 +13,8 @@ use crate::error::{Error, Result};
 ///   a `%` not followed by two hex digits stays as it is, and `+` stays a plus sign. Write
 ///   `/` and `?` in a password as `%2F` and `%3F`; `@` and `:` may stay as they are (the
 ///   host starts after the last `@`, the password after the first `:`). `#` has no
-///   special meaning: backend URLs have no fragment.
+///   special meaning: backend URLs have no fragment. A URL whose first option's name has
+///   an `@`, as a raw `?` in a password gives, is refused, showing none of the password.
 /// - Hosts are a comma-separated list, each with an optional port; IPv6 addresses go in
 ///   brackets (`[::1]:5672`). Host names are kept as written.
 /// - The query becomes [`UrlOptions`], read with typed getters that consume each option;
@@ -119,6 +120,13 @@ impl BackendUrl {
             Some((userinfo, hosts)) => (Some(userinfo), hosts),
             None => (None, authority),
         };
+        if userinfo_in_query(query).is_some() {
+            // Whatever the "hosts" are, they are the start of a password: show none of it.
+            return Err(invalid(format!(
+                "{} has an @ in the name of its first option, as a password with an unencoded ? gives; write / and ? in a password as %2F and %3F",
+                redact_url(url)
+            )));
+        }
         let decode = |what: &str, text: &str| {
             percent_decode(text).ok_or_else(|| invalid(format!("the {what} is not UTF-8 once percent-decoded")))
         };
@@ -343,6 +351,10 @@ pub fn redact_url(url: &str) -> String {
             let (authority, path) = rest.split_once('/').map(|(a, p)| (a, Some(p))).unwrap_or((rest, None));
             // A password with an unencoded `/` puts part of it in what looks like the path:
             // hide everything up to the last `@` rather than show it.
+            // One with an unencoded `?` puts part of it in what looks like the query.
+            if let Some(after) = userinfo_in_query(query) {
+                return redact_url(&format!("{scheme}://***@{after}"));
+            }
             if let Some((_, after)) = path.and_then(|p| p.rsplit_once('@')) {
                 return redact_query(format!("{scheme}://***@{after}"), query);
             }
@@ -361,10 +373,27 @@ pub fn redact_url(url: &str) -> String {
                 None => format!("{scheme}://{authority}"),
             }
         }
-        // Not a URL (`amqp:/user:pw@h`, a typo): anything up to an `@` may be a password.
-        None => hide_userinfo(head),
+        // Not a URL (`amqp:/user:pw@h`, a typo): anything up to an `@` may be a password,
+        // an unencoded `?` in it included.
+        None => {
+            let hidden = hide_userinfo(url);
+            return match hidden.split_once('?') {
+                Some((head, query)) => redact_query(head.to_owned(), Some(query)),
+                None => hidden,
+            };
+        }
     };
     redact_query(out, query)
+}
+
+/// Where a password with an unencoded `?` put the rest of the userinfo: the query's
+/// first key has an `@` (no option's name has one). The query after that key's last `@`
+/// (hosts, path and options), if so.
+fn userinfo_in_query(query: Option<&str>) -> Option<&str> {
+    let query = query?;
+    let key_end = query.find(['=', '&']).unwrap_or(query.len());
+    let at = query[..key_end].rfind('@')?;
+    Some(&query[at + 1..])
 }
 
 /// `head` with `?query` appended, secret-looking values replaced by `***`.
