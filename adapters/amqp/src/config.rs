@@ -201,4 +201,82 @@ mod tests {
         assert_eq!(c.uri(), "amqp://u:p%2Fw@h:5672/%2f?heartbeat=10&connection_timeout=500&auth_mechanism=EXTERNAL");
         assert_eq!(c.prefetch, Some(5));
     }
+
+    /// Passwords made of any characters never show in the configuration's `Debug` output,
+    /// its redacted URL, or its errors (see courier-core's `secrets_stay_secret` for the
+    /// alphabet: every password has a Cyrillic letter, which nothing else has).
+    mod secrets_stay_secret {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        const ALPHABET: &str = "жшщюяЖ/?#@%+:=&,;[]! f0A";
+
+        fn password() -> impl Strategy<Value = String> {
+            let chars: Vec<char> = ALPHABET.chars().collect();
+            proptest::collection::vec(proptest::sample::select(chars), 0..20).prop_map(|rest| {
+                let mut p = String::from("ж");
+                p.extend(rest);
+                p
+            })
+        }
+
+        fn encode(text: &str) -> String {
+            text.bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+                    _ => format!("%{b:02X}"),
+                })
+                .collect()
+        }
+
+        fn assert_hidden(shown: &str, password: &str, what: &str) {
+            let upper = shown.to_ascii_uppercase();
+            let leaked = shown.contains(password)
+                || shown.contains(&encode(password))
+                || shown.chars().any(|c| ('\u{400}'..='\u{4ff}').contains(&c))
+                || upper.contains("%D0")
+                || upper.contains("%D1");
+            assert!(!leaked, "{what} shows (part of) the password {password:?}: {shown}");
+        }
+
+        fn check(url: &str, password: &str) {
+            match AmqpConfig::from_url(url) {
+                Ok(config) => {
+                    assert_hidden(&format!("{config:?}"), password, "Debug");
+                    assert_hidden(&config.redacted(), password, "redacted()");
+                }
+                Err(e) => assert_hidden(&format!("{e} {e:?}"), password, "the error"),
+            }
+        }
+
+        fn urls(secret: &str) -> Vec<String> {
+            vec![
+                format!("amqp://user:{secret}@127.0.0.1:5672/%2f?heartbeat=10"),
+                format!("amqps://user:{secret}@mq/vhost?prefetch=0"),
+                format!("amqp://user:{secret}@mq/vhost?prefech=5"),
+                format!("amqp://user:{secret}@mq:99999"),
+                format!("kafka://user:{secret}@mq"),
+                format!("amqp://{secret}@mq:5672/%2f"),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn percent_encoded_passwords(password in password()) {
+                for url in urls(&encode(&password)) {
+                    check(&url, &password);
+                }
+            }
+
+            #[test]
+            fn raw_passwords_the_parser_takes(password in password()) {
+                // Raw `/` and `?` end the authority; a raw `:` in a token starts a password.
+                let password: String = password.chars().filter(|c| !matches!(c, '/' | '?' | ':')).collect();
+                for url in urls(&password) {
+                    check(&url, &password);
+                }
+            }
+        }
+    }
 }

@@ -282,7 +282,7 @@ impl Acknowledger for AmqpAcker {
         if self.lost() {
             return Err(Error::LeaseLost { id: self.id.clone() });
         }
-        let props = mapping::republished(&self.properties, &self.id, self.attempt + 1, &[]);
+        let props = mapping::republished(&self.properties, &self.id, self.attempt + 1, &[])?;
         self.settle.broker.republish(&self.settle.retry_to, delay, &self.payload, props).await?;
         self.ack_original().await
     }
@@ -291,7 +291,7 @@ impl Acknowledger for AmqpAcker {
         if self.lost() {
             return Err(Error::LeaseLost { id: self.id.clone() });
         }
-        let props = mapping::republished(&self.properties, &self.id, 1, &letter.headers());
+        let props = mapping::republished(&self.properties, &self.id, 1, &letter.headers())?;
         self.settle.broker.republish(letter.destination(), None, &self.payload, props).await?;
         self.ack_original().await
     }

@@ -48,6 +48,9 @@
 //! `amqp-correlation-id`, `amqp-reply-to`, `amqp-type` and `amqp-app-id`; headers are a
 //! table of long strings, and header values of other AMQP types sent by plain clients are
 //! rendered as text. Broker bookkeeping (`x-death`, `x-delivery-count`) stays hidden.
+//! The message id, the content type, header names and the values of those `amqp-*` headers
+//! are AMQP short strings: a send with one over 255 bytes fails before any I/O, with a
+//! non-retryable error naming it.
 //!
 //! # Delays
 //!
@@ -454,8 +457,8 @@ impl Broker for AmqpBroker {
     async fn send(&self, destination: &Destination, message: Message) -> Result<MessageId> {
         self.inner.session.open.check()?;
         self.inner.capabilities.check_message(&message)?;
+        let props = mapping::properties(&message, 1)?;
         let route = self.inner.route(destination, message.delay).await?;
-        let props = mapping::properties(&message, 1);
         self.inner.publish_confirmed(&route, &[(&message.payload, props)]).await?;
         Ok(message.id)
     }
@@ -463,6 +466,8 @@ impl Broker for AmqpBroker {
     async fn send_batch(&self, destination: &Destination, messages: Vec<Message>) -> Result<Vec<MessageId>> {
         self.inner.session.open.check()?;
         self.inner.capabilities.check_batch(&messages)?;
+        // Every message's properties before any I/O: one that cannot be sent fails the batch.
+        let props = messages.iter().map(|m| mapping::properties(m, 1)).collect::<Result<Vec<_>>>()?;
         // One pipelined round per distinct delay; most batches have none.
         let mut ids = Vec::with_capacity(messages.len());
         let mut start = 0;
@@ -471,7 +476,7 @@ impl Broker for AmqpBroker {
             let end = messages[start..].iter().position(|m| m.delay != delay).map_or(messages.len(), |n| start + n);
             let route = self.inner.route(destination, delay).await?;
             let chunk: Vec<(&[u8], BasicProperties)> =
-                messages[start..end].iter().map(|m| (&m.payload[..], mapping::properties(m, 1))).collect();
+                messages[start..end].iter().zip(&props[start..end]).map(|(m, p)| (&m.payload[..], p.clone())).collect();
             self.inner.publish_confirmed(&route, &chunk).await?;
             start = end;
         }

@@ -3,7 +3,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use courier_core::{Headers, Message, MessageId};
+use courier_core::{Error, Headers, Message, MessageId, Result};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 
@@ -13,26 +13,31 @@ pub(crate) const ATTEMPT_HEADER: &str = "x-courier-attempt";
 /// Persistent delivery mode: messages survive a broker restart in durable queues.
 const PERSISTENT: u8 = 2;
 
-pub(crate) fn properties(message: &Message, attempt: u32) -> BasicProperties {
+/// The properties of `message`, sent as delivery `attempt`.
+///
+/// The message id, the content type, header names and the `amqp-*` headers that become
+/// properties are AMQP short strings, at most 255 bytes on the wire; a longer one is a
+/// non-retryable error naming it, found here, before any I/O (lapin would panic).
+pub(crate) fn properties(message: &Message, attempt: u32) -> Result<BasicProperties> {
     let secs = message.timestamp.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     let mut props = BasicProperties::default()
-        .with_message_id(ShortString::from(message.id.as_str()))
+        .with_message_id(short("message id", message.id.as_str())?)
         .with_timestamp(secs)
         .with_delivery_mode(PERSISTENT);
     if let Some(ct) = &message.content_type {
-        props = props.with_content_type(ShortString::from(ct.as_str()));
+        props = props.with_content_type(short("content type", ct)?);
     }
     if message.headers.is_empty() && attempt <= 1 {
-        return props;
+        return Ok(props);
     }
     let mut table = FieldTable::default();
     for (k, v) in &message.headers {
         // Headers that came from AMQP properties go back to being properties.
         match PROPERTY_HEADERS.iter().find(|(name, _)| name == k) {
-            Some((_, set)) => props = set(props, ShortString::from(v.as_str())),
+            Some((name, set)) => props = set(props, short(&format!("value of header {name}"), v)?),
             None => {
                 table.insert(
-                    ShortString::from(k.as_str()),
+                    short(&format!("header name {:?}", abbreviated(k)), k)?,
                     AMQPValue::LongString(LongString::from(v.as_bytes().to_vec())),
                 );
             }
@@ -41,7 +46,28 @@ pub(crate) fn properties(message: &Message, attempt: u32) -> BasicProperties {
     if attempt > 1 {
         table.insert(ShortString::from(ATTEMPT_HEADER), AMQPValue::LongLongInt(attempt as i64));
     }
-    props.with_headers(table)
+    Ok(props.with_headers(table))
+}
+
+/// `text` as an AMQP short string, or an error naming `field` when it is over 255 bytes.
+fn short(field: &str, text: &str) -> Result<ShortString> {
+    ShortString::try_new(text).map_err(|_| Error::Broker {
+        backend: crate::BACKEND,
+        message: format!(
+            "the {field} is {} bytes, and AMQP carries it as a short string of at most 255 bytes; shorten it",
+            text.len()
+        ),
+        retryable: false,
+        source: None,
+    })
+}
+
+/// The first 32 characters of `text`, for naming a long header in an error.
+fn abbreviated(text: &str) -> String {
+    match text.char_indices().nth(32) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
 }
 
 type SetProperty = fn(BasicProperties, ShortString) -> BasicProperties;
@@ -70,7 +96,7 @@ pub(crate) fn republished(
     id: &MessageId,
     next_attempt: u32,
     extra: &[(&str, String)],
-) -> BasicProperties {
+) -> Result<BasicProperties> {
     let mut table = FieldTable::default();
     if let Some(headers) = original.headers() {
         for (k, v) in headers.inner() {
@@ -81,13 +107,17 @@ pub(crate) fn republished(
     }
     table.insert(ShortString::from(ATTEMPT_HEADER), AMQPValue::LongLongInt(next_attempt as i64));
     for (k, v) in extra {
-        table.insert(ShortString::from(*k), AMQPValue::LongString(LongString::from(v.as_bytes().to_vec())));
+        table.insert(
+            short(&format!("header name {:?}", abbreviated(k)), k)?,
+            AMQPValue::LongString(LongString::from(v.as_bytes().to_vec())),
+        );
     }
-    let mut props = original.clone().with_message_id(ShortString::from(id.as_str())).with_headers(table);
+    // The rest came off the wire as short strings already.
+    let mut props = original.clone().with_message_id(short("message id", id.as_str())?).with_headers(table);
     if props.delivery_mode().is_none() {
         props = props.with_delivery_mode(PERSISTENT);
     }
-    props
+    Ok(props)
 }
 
 /// A received AMQP message as a Courier message, and the attempt number it carries.
@@ -132,8 +162,13 @@ pub(crate) fn message(data: Bytes, props: &BasicProperties, redelivered: bool) -
         }
     }
     let id = props.message_id().as_ref().map(|s| MessageId::from(s.as_str())).unwrap_or_else(MessageId::generate);
-    let timestamp =
-        props.timestamp().map(|secs| UNIX_EPOCH + Duration::from_secs(secs)).unwrap_or_else(SystemTime::now);
+    // A timestamp past what `SystemTime` holds (2^63 seconds and more on Unix) names no
+    // time at all: the message gets its receive time, as one without a timestamp does,
+    // rather than UNIX_EPOCH, which would make it look 56 years old.
+    let timestamp = props
+        .timestamp()
+        .and_then(|secs| UNIX_EPOCH.checked_add(Duration::from_secs(secs)))
+        .unwrap_or_else(SystemTime::now);
     let message = Message {
         id,
         payload: data,
@@ -188,7 +223,7 @@ mod tests {
             .with_content_type("application/octet-stream")
             .with_header("ünï cödé", "✓ 🚀")
             .with_header("empty", "");
-        let props = properties(&msg, 3);
+        let props = properties(&msg, 3).unwrap();
         let (back, attempt) = message(msg.payload.clone(), &props, false);
         assert_eq!((back.id.as_str(), attempt), ("m-1", 3));
         assert_eq!(back.headers, msg.headers, "the attempt header is not shown");
@@ -211,5 +246,46 @@ mod tests {
         assert_eq!(m.header("bytes"), Some("raw"));
         assert_eq!(m.header("amqp-correlation-id"), Some("c-9"));
         assert_eq!(m.id.as_str().len(), 22, "a fresh id when the publisher gave none");
+    }
+
+    #[test]
+    fn a_timestamp_past_what_system_time_holds_is_the_receive_time() {
+        // 2^64 - 1 seconds since the epoch: more than SystemTime holds (2^63 seconds on Unix).
+        let before = SystemTime::now();
+        let props = BasicProperties::default().with_timestamp(u64::MAX).with_message_id("far-future".into());
+        let (m, attempt) = message(Bytes::from_static(b"x"), &props, false);
+        assert_eq!((m.id.as_str(), attempt), ("far-future", 1), "the message itself is intact");
+        assert!(m.timestamp >= before && m.timestamp <= SystemTime::now(), "{:?}", m.timestamp);
+        // A time far off but one SystemTime holds is kept as it is.
+        let props = BasicProperties::default().with_timestamp(i64::MAX as u64 / 2);
+        let (m, _) = message(Bytes::from_static(b"x"), &props, false);
+        assert_eq!(m.timestamp.duration_since(UNIX_EPOCH).unwrap().as_secs(), i64::MAX as u64 / 2);
+    }
+
+    #[test]
+    fn over_long_short_strings_are_refused_by_name_before_any_io() {
+        let long = "n".repeat(256);
+        let fits = "f".repeat(255);
+        let cases = [
+            (Message::new("x").with_id(long.as_str()), "message id"),
+            (Message::new("x").with_content_type(long.as_str()), "content type"),
+            (Message::new("x").with_header(long.as_str(), "v"), "header name"),
+            (Message::new("x").with_header("amqp-correlation-id", long.as_str()), "amqp-correlation-id"),
+        ];
+        for (msg, field) in cases {
+            let err = properties(&msg, 1).unwrap_err();
+            assert!(!err.is_retryable(), "{err}");
+            let text = err.to_string();
+            assert!(text.contains(field) && text.contains("256 bytes") && text.contains("255"), "{text}");
+        }
+        let fine = Message::new("x")
+            .with_id(fits.as_str())
+            .with_content_type(fits.as_str())
+            .with_header(fits.as_str(), long.as_str())
+            .with_header("amqp-app-id", fits.as_str());
+        properties(&fine, 2).unwrap();
+        // A republished copy is checked the same way.
+        let err = republished(&properties(&fine, 1).unwrap(), &MessageId::from(long.as_str()), 2, &[]).unwrap_err();
+        assert!(err.to_string().contains("message id"), "{err}");
     }
 }

@@ -104,3 +104,39 @@ async fn a_courier_message_is_readable_by_a_plain_client() {
     delivery.acker.ack(BasicAckOptions::default()).await.unwrap();
     broker.close().await.unwrap();
 }
+
+/// Message ids, content types and header names are AMQP short strings (255 bytes at
+/// most). An over-long one is refused before anything is written, and the connection
+/// carries the next message as if nothing happened.
+#[tokio::test]
+async fn an_over_long_header_name_is_refused_and_the_connection_lives_on() {
+    let broker = AmqpBroker::connect(&url()).await.unwrap();
+    let name = unique_name("short-strings");
+    let source = Source::queue(&name).unwrap();
+    broker.declare(&source).await.unwrap();
+    let destination = Destination::queue(&name).unwrap();
+
+    let long = "h".repeat(300);
+    let refused = tokio::time::timeout(
+        Duration::from_secs(10),
+        broker.send(&destination, Message::new("too long").with_header(long.as_str(), "v")),
+    )
+    .await
+    .expect("the send returns");
+    let err = refused.expect_err("a 300-byte header name is refused");
+    assert!(!err.is_retryable(), "{err}");
+    assert!(err.to_string().contains("header name") && err.to_string().contains("255"), "{err}");
+    let refused = broker.send(&destination, Message::new("too long").with_id("i".repeat(256))).await;
+    assert!(refused.unwrap_err().to_string().contains("message id"));
+
+    let sent = tokio::time::timeout(Duration::from_secs(10), broker.send(&destination, Message::new("next")))
+        .await
+        .expect("the next send returns");
+    sent.expect("the next message goes through");
+    let consumer = broker.consumer(&source, ConsumerOptions::default()).await.unwrap();
+    let d = consumer.receive_one(Duration::from_secs(10)).await.unwrap().expect("the next message arrives");
+    assert_eq!(&d.message().payload[..], b"next");
+    d.ack().await.unwrap();
+    assert!(consumer.receive_one(Duration::from_millis(300)).await.unwrap().is_none(), "nothing else arrived");
+    broker.close().await.unwrap();
+}

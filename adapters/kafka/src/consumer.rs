@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::mapping::{self, Received};
 use crate::offsets::PartitionOffsets;
-use crate::{kafka_error, Inner};
+use crate::{kafka_error, settings_error, Inner};
 
 /// How long a key stays held for a retried message whose copy does not come back (its
 /// retry partition went to another consumer): the copy's due time plus this.
@@ -375,8 +375,9 @@ impl KafkaConsumer {
             client.set(key, value); // settings in the URL win
         }
         let context = Rebalancer { shared: Arc::downgrade(&shared), drain: broker.config.rebalance_drain };
-        let stream: StreamHandle =
-            client.create_with_context(context).map_err(|e| Error::config("kafka consumer settings", e.to_string()))?;
+        let stream: StreamHandle = client
+            .create_with_context(context)
+            .map_err(|e| settings_error(&broker.config, "kafka consumer settings", e))?;
         stream
             .subscribe(&[topic.as_str(), retry_topic.as_str()])
             .map_err(|e| kafka_error(&format!("subscribe group {group} to {topic}"), e))?;

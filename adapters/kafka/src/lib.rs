@@ -95,7 +95,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use courier_core::backend::{BackendUrl, OpenGuard};
+use courier_core::backend::{is_secret_key, BackendUrl, OpenGuard};
 use courier_core::{
     Broker, Capabilities, Consumer, ConsumerOptions, Destination, Error, Feature, Message, MessageId, Result, Source,
 };
@@ -169,6 +169,30 @@ pub(crate) fn kafka_error(what: &str, e: KafkaError) -> Error {
     Error::Broker { backend: BACKEND, message: format!("{what}: {e}"), retryable, source: Some(Box::new(e)) }
 }
 
+/// librdkafka's refusal of the settings as a configuration error about `what`.
+///
+/// rdkafka's own message repeats the value of the setting refused, and librdkafka's may
+/// too: for a secret-looking setting (`sasl.password`, a typo such as `sasl.pasword`,
+/// `ssl.key.password`…) the value is left out, and no secret-looking setting's value
+/// appears anywhere in the message.
+pub(crate) fn settings_error(config: &KafkaConfig, what: &str, e: KafkaError) -> Error {
+    let mut message = match &e {
+        KafkaError::ClientConfig(_, description, key, _) if is_secret_key(key) => {
+            format!("librdkafka refused the setting {key} (its value is not shown): {description}")
+        }
+        KafkaError::ClientConfig(_, description, key, value) => {
+            format!("librdkafka refused the setting {key}={value}: {description}")
+        }
+        other => other.to_string(),
+    };
+    for (key, value) in &config.client {
+        if is_secret_key(key) && !value.is_empty() {
+            message = message.replace(value.as_str(), "***");
+        }
+    }
+    Error::config(what, message)
+}
+
 impl KafkaBroker {
     /// Connects with a `kafka://` URL (see the crate docs). Clients connect lazily, so this
     /// fails only on a malformed URL or settings librdkafka refuses.
@@ -197,9 +221,9 @@ impl KafkaBroker {
             producer_config.set(key, value); // settings in the URL win
         }
         let producer: FutureProducer =
-            producer_config.create().map_err(|e| Error::config("kafka producer settings", e.to_string()))?;
+            producer_config.create().map_err(|e| settings_error(&config, "kafka producer settings", e))?;
         let admin: AdminClient<DefaultClientContext> =
-            config.client_config().create().map_err(|e| Error::config("kafka admin settings", e.to_string()))?;
+            config.client_config().create().map_err(|e| settings_error(&config, "kafka admin settings", e))?;
         let capabilities = Capabilities {
             backend: BACKEND,
             fan_out: true,
@@ -317,10 +341,10 @@ impl Inner {
     async fn start_group_at_end(&self, topic: &str, group: &str) -> Result<()> {
         let mut client = self.config.client_config();
         client.set("group.id", group).set("enable.auto.commit", "false");
-        let (topic, group) = (topic.to_owned(), group.to_owned());
+        let (topic, group, config) = (topic.to_owned(), group.to_owned(), self.config.clone());
         tokio::task::spawn_blocking(move || -> Result<()> {
             let consumer: BaseConsumer =
-                client.create().map_err(|e| Error::config("kafka consumer settings", e.to_string()))?;
+                client.create().map_err(|e| settings_error(&config, "kafka consumer settings", e))?;
             let what = |action: &str| format!("{action} for subscription group {group}");
             let metadata =
                 consumer.fetch_metadata(Some(&topic), CALL_TIMEOUT).map_err(|e| kafka_error(&what("metadata"), e))?;
@@ -419,5 +443,33 @@ impl Broker for KafkaBroker {
             .await
             .map_err(|e| Error::fatal(format!("kafka: flushing the producer: {e}")))?
             .map_err(|e| kafka_error("flush the producer on close", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn settings_librdkafka_refuses_do_not_echo_secrets() {
+        for url in [
+            // A typo in a secret's name: librdkafka knows no such setting.
+            "kafka://127.0.0.1:9092?sasl.pasword=s3cret",
+            "kafka://127.0.0.1:9092?ssl.key.pasword=s3cret",
+            // A secret next to a setting librdkafka refuses.
+            "kafka://127.0.0.1:9092?sasl.password=s3cret&security.protocol=bogus",
+            "kafka://u:s3cret@127.0.0.1:9092?sasl.mechanism=bogus",
+        ] {
+            let err = match KafkaBroker::connect(url).await {
+                Ok(_) => panic!("{url} was accepted"),
+                Err(e) => e,
+            };
+            let shown = format!("{err} {err:?}");
+            assert!(!shown.contains("s3cret"), "{url}: {shown}");
+            assert!(matches!(err, Error::Config { .. }), "{url}: {err}");
+        }
+        // Values of other settings are still shown: they help.
+        let err = KafkaBroker::connect("kafka://127.0.0.1:9092?security.protocol=bogus").await.unwrap_err();
+        assert!(err.to_string().contains("bogus") && err.to_string().contains("security.protocol"), "{err}");
     }
 }

@@ -55,18 +55,17 @@ pub(crate) fn received(record: &rdkafka::message::BorrowedMessage<'_>) -> Receiv
     let mut ce_id = None;
     let (mut attempt, mut not_before) = (1, None);
     if let Some(headers) = record.headers() {
-        for header in headers.iter() {
-            let value = header.value.map(String::from_utf8_lossy).unwrap_or_default().into_owned();
-            match header.key {
+        for (key, value) in read_headers(headers) {
+            match key.as_str() {
                 ID => id = Some(value),
                 CONTENT_TYPE => message.content_type = Some(value),
                 ATTEMPT => attempt = value.parse::<u32>().unwrap_or(1).max(1),
                 NOT_BEFORE => not_before = value.parse::<u64>().ok().map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
-                key => {
+                _ => {
                     if key == CE_ID {
                         ce_id = Some(value.clone());
                     }
-                    message.headers.insert(key.to_owned(), value);
+                    message.headers.insert(key, value);
                 }
             }
         }
@@ -80,4 +79,48 @@ pub(crate) fn received(record: &rdkafka::message::BorrowedMessage<'_>) -> Receiv
         message.timestamp = UNIX_EPOCH + Duration::from_millis(ms as u64);
     }
     Received { message, attempt, not_before }
+}
+
+/// A record's headers as text: values as UTF-8, invalid sequences replaced.
+///
+/// A header whose key is not UTF-8 is skipped, with a warning; the record and its other
+/// headers are kept. rdkafka 0.39 reads each key with `to_str().unwrap()`, a panic for
+/// such a key, and gives no safe way to its bytes (this crate forbids unsafe code), so the
+/// panic is caught around that one header; it cannot have corrupted anything, as it happens
+/// after librdkafka has answered, on rdkafka's own borrowed view. The default panic hook
+/// still prints it; under `panic = "abort"` it would end the process.
+pub(crate) fn read_headers<H: Headers>(headers: &H) -> Vec<(String, String)> {
+    let mut out = Vec::with_capacity(headers.count());
+    for index in 0..headers.count() {
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            headers.try_get(index).map(|header| {
+                let value = header.value.map(String::from_utf8_lossy).unwrap_or_default().into_owned();
+                (header.key.to_owned(), value)
+            })
+        }));
+        match read {
+            Ok(Some(pair)) => out.push(pair),
+            Ok(None) => break,
+            Err(_) => tracing::warn!(index, "skipped a record header whose key is not UTF-8"),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_are_read_in_order_with_values_as_text() {
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "a", value: Some("1") })
+            .insert(Header { key: "bin", value: Some(&b"\xffok"[..]) })
+            .insert(Header::<&str> { key: "none", value: None });
+        let read = read_headers(&headers);
+        assert_eq!(
+            read,
+            [("a".to_owned(), "1".to_owned()), ("bin".into(), "\u{fffd}ok".into()), ("none".into(), String::new())]
+        );
+    }
 }

@@ -9,7 +9,8 @@
 //!   (`myq URL option batch`), the value, and what is allowed.
 //! - [`OpenGuard`]: the closed flag of a broker or consumer handle, answering calls
 //!   after `close` with [`Error::Closed`](crate::Error::Closed).
-//! - [`redact_url`]: a URL with its secrets hidden, for logs and errors.
+//! - [`redact_url`]: a URL with its secrets hidden, for logs and errors, and
+//!   [`is_secret_key`]: whether a setting's value is to be hidden.
 //!
 //! A third-party backend needs this kit and the conformance kit (feature
 //! `conformance`), nothing else from Courier. A sketch of a backend's constructor:
@@ -79,4 +80,4 @@ mod tests;
 
 pub use guard::OpenGuard;
 pub use options::UrlOptions;
-pub use url::{redact_url, BackendUrl, Host};
+pub use url::{is_secret_key, redact_url, BackendUrl, Host};

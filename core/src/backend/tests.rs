@@ -218,3 +218,146 @@ fn the_guard_closes_once() {
     assert!(!guard.close());
     assert!(matches!(guard.check(), Err(Error::Closed { what: "broker" })));
 }
+
+/// Passwords (and tokens) made of any characters never show in what Courier writes about
+/// a URL: [`redact_url`], [`BackendUrl`]'s `Debug` and `redacted()`, or the errors of
+/// parsing it and reading its options.
+mod secrets_stay_secret {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Cyrillic letters, the URL's own delimiters, and a few ASCII characters (hex digits
+    /// after a `%`). Every password starts with a Cyrillic letter; nothing else in the
+    /// URLs or in any message has one, so a piece of a password that shows up is caught,
+    /// not only the whole of it.
+    const ALPHABET: &str = "жшщюяЖ/?#@%+:=&,;[]! f0A";
+
+    pub(super) fn password() -> impl Strategy<Value = String> {
+        let chars: Vec<char> = ALPHABET.chars().collect();
+        proptest::collection::vec(proptest::sample::select(chars), 0..20).prop_map(|rest| {
+            let mut p = String::from("ж");
+            p.extend(rest);
+            p
+        })
+    }
+
+    /// Every byte outside the unreserved set as `%XX`, as a careful user writes it.
+    pub(super) fn encode(text: &str) -> String {
+        text.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    }
+
+    /// Panics if `shown` holds `password`, its encoded form, or any piece of it.
+    pub(super) fn assert_hidden(shown: &str, password: &str, what: &str) {
+        let upper = shown.to_ascii_uppercase();
+        let leaked = shown.contains(password)
+            || shown.contains(&encode(password))
+            || shown.chars().any(|c| ('\u{400}'..='\u{4ff}').contains(&c))
+            || upper.contains("%D0")
+            || upper.contains("%D1");
+        assert!(!leaked, "{what} shows (part of) the password {password:?}: {shown}");
+    }
+
+    /// Everything Courier's core writes about `url`.
+    fn check(url: &str, password: &str) {
+        assert_hidden(&redact_url(url), password, "redact_url");
+        match BackendUrl::parse(url) {
+            Ok(mut parsed) => {
+                assert_hidden(&format!("{parsed:?}"), password, "Debug");
+                assert_hidden(&parsed.redacted(), password, "redacted()");
+                if let Err(e) = parsed.expect_scheme("none", &["none"]) {
+                    assert_hidden(&e.to_string(), password, "expect_scheme's error");
+                }
+                let options = parsed.options();
+                assert_hidden(&format!("{options:?}"), password, "the options' Debug");
+                if let Err(e) = options.take_number("heartbeat", 1..=10u32) {
+                    assert_hidden(&e.to_string(), password, "an option's error");
+                }
+                if let Err(e) = options.finish() {
+                    assert_hidden(&e.to_string(), password, "finish's error");
+                }
+            }
+            Err(e) => {
+                assert_hidden(&e.to_string(), password, "the parse error");
+                assert_hidden(&format!("{e:?}"), password, "the parse error's Debug");
+            }
+        }
+    }
+
+    /// URLs with `secret` where a password (or token) goes; some parse, some do not.
+    pub(super) fn urls(secret: &str) -> Vec<String> {
+        vec![
+            format!("amqp://user:{secret}@127.0.0.1:5672/%2f?heartbeat=10"),
+            format!("amqps://user:{secret}@mq.example.com/vhost"),
+            format!("kafka://svc:{secret}@h1:9092,h2:9093?client.id=x&heartbeat=99"),
+            format!("kafka://svc:{secret}@h1:99999"),
+            format!("sqs://user:{secret}@eu-west-1?bogus=1"),
+            format!("amqp://user:{secret}@[::1"),
+            format!("amqp:/user:{secret}@h"),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn percent_encoded_passwords(password in password()) {
+            let encoded = encode(&password);
+            for url in urls(&encoded) {
+                check(&url, &password);
+            }
+            // In secret-looking options too (a raw `&` would end the value: not here).
+            check(&format!("myq://h?token={encoded}&sasl.password={encoded}&x=1"), &password);
+            // A token alone, without a colon.
+            check(&format!("amqp://{encoded}@h:5672"), &password);
+        }
+
+        #[test]
+        fn raw_passwords_the_parser_takes(password in password()) {
+            // Raw `/` and `?` end the authority (write them as %2F and %3F); a raw `:`
+            // in a token would make its start a user name.
+            let password: String = password.chars().filter(|c| !matches!(c, '/' | '?')).collect();
+            for url in urls(&password) {
+                check(&url, &password);
+            }
+            let token: String = password.chars().filter(|c| *c != ':').collect();
+            check(&format!("amqp://{token}@h:5672/%2f"), &token);
+        }
+
+        #[test]
+        fn raw_passwords_with_question_marks(password in password()) {
+            // A raw `?` is hidden too, unless an `=` or `&` comes between it and the
+            // userinfo's last `@` (then the text is a query like any other).
+            let password: String = password.chars().filter(|c| !matches!(c, '/' | '=' | '&')).collect();
+            for url in urls(&password) {
+                check(&url, &password);
+            }
+        }
+    }
+
+    #[test]
+    fn a_password_with_an_unencoded_question_mark_is_hidden() {
+        let url = "amqp://user:ab?cd@h:5672/%2f?heartbeat=10&token=t";
+        assert_eq!(redact_url(url), "amqp://***@h:5672/%2f?heartbeat=10&token=***");
+        let (_, message) = config_error(BackendUrl::parse(url));
+        assert!(!message.contains("ab") && !message.contains("cd") && message.contains("%3F"), "{message}");
+        // A port-like start parses as a host; the URL is refused all the same.
+        let (_, message) = config_error(BackendUrl::parse("kafka://svc:12?cd@h:9092"));
+        assert!(!message.contains("12") && !message.contains("cd"), "{message}");
+        // An `@` in an option's value is no password.
+        assert_eq!(parse("kafka://h:9092?sasl.username=me@corp").hosts()[0].name(), "h");
+        assert_eq!(redact_url("kafka://h:9092?client.id=me@corp"), "kafka://h:9092?client.id=me@corp");
+        assert_eq!(redact_url("amqp:/u:a?b@h?token=x"), "***@h?token=***");
+    }
+
+    #[test]
+    fn a_token_alone_is_hidden() {
+        // `scheme://token@host`: some backends take the userinfo without a colon as a
+        // token, and redact_url cannot know which; it hides it.
+        assert_eq!(redact_url("amqp://tok3n@host:5672/%2f?heartbeat=5"), "amqp://***@host:5672/%2f?heartbeat=5");
+        assert!(!format!("{:?}", parse("kafka://tok3n@h")).contains("tok3n"));
+    }
+}

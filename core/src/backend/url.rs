@@ -13,7 +13,8 @@ use crate::error::{Error, Result};
 ///   a `%` not followed by two hex digits stays as it is, and `+` stays a plus sign. Write
 ///   `/` and `?` in a password as `%2F` and `%3F`; `@` and `:` may stay as they are (the
 ///   host starts after the last `@`, the password after the first `:`). `#` has no
-///   special meaning: backend URLs have no fragment.
+///   special meaning: backend URLs have no fragment. A URL whose first option's name has
+///   an `@`, as a raw `?` in a password gives, is refused, showing none of the password.
 /// - Hosts are a comma-separated list, each with an optional port; IPv6 addresses go in
 ///   brackets (`[::1]:5672`). Host names are kept as written.
 /// - The query becomes [`UrlOptions`], read with typed getters that consume each option;
@@ -119,6 +120,13 @@ impl BackendUrl {
             Some((userinfo, hosts)) => (Some(userinfo), hosts),
             None => (None, authority),
         };
+        if userinfo_in_query(query).is_some() {
+            // Whatever the "hosts" are, they are the start of a password: show none of it.
+            return Err(invalid(format!(
+                "{} has an @ in the name of its first option, as a password with an unencoded ? gives; write / and ? in a password as %2F and %3F",
+                redact_url(url)
+            )));
+        }
         let decode = |what: &str, text: &str| {
             percent_decode(text).ok_or_else(|| invalid(format!("the {what} is not UTF-8 once percent-decoded")))
         };
@@ -323,13 +331,15 @@ pub(crate) fn join_list<S: AsRef<str>>(items: &[S], word: &str) -> String {
 }
 
 /// A URL with its password and secret-looking query values replaced by `***`, for
-/// errors, logs and `Debug` output.
+/// errors, logs and `Debug` output. Userinfo without a colon may be a token rather than a
+/// user name, so it is hidden whole.
 ///
 /// ```
 /// assert_eq!(
 ///     courier_core::redact_url("amqp://app:s3cret@mq:5672/prod?token=abc&heartbeat=10"),
 ///     "amqp://app:***@mq:5672/prod?token=***&heartbeat=10"
 /// );
+/// assert_eq!(courier_core::redact_url("myq://tok3n@host"), "myq://***@host");
 /// ```
 pub fn redact_url(url: &str) -> String {
     let (head, query) = match url.split_once('?') {
@@ -341,13 +351,20 @@ pub fn redact_url(url: &str) -> String {
             let (authority, path) = rest.split_once('/').map(|(a, p)| (a, Some(p))).unwrap_or((rest, None));
             // A password with an unencoded `/` puts part of it in what looks like the path:
             // hide everything up to the last `@` rather than show it.
+            // One with an unencoded `?` puts part of it in what looks like the query.
+            if let Some(after) = userinfo_in_query(query) {
+                return redact_url(&format!("{scheme}://***@{after}"));
+            }
             if let Some((_, after)) = path.and_then(|p| p.rsplit_once('@')) {
                 return redact_query(format!("{scheme}://***@{after}"), query);
             }
             let authority = match authority.rsplit_once('@') {
                 Some((userinfo, host)) => match userinfo.split_once(':') {
                     Some((user, _)) => format!("{user}:***@{host}"),
-                    None => format!("{userinfo}@{host}"),
+                    // Userinfo without a colon is a user name to some backends and a
+                    // token (a secret) to others (`scheme://tok3n@host`); this cannot
+                    // know which, so it hides it.
+                    None => format!("***@{host}"),
                 },
                 None => authority.to_owned(),
             };
@@ -356,9 +373,27 @@ pub fn redact_url(url: &str) -> String {
                 None => format!("{scheme}://{authority}"),
             }
         }
-        None => head.to_owned(),
+        // Not a URL (`amqp:/user:pw@h`, a typo): anything up to an `@` may be a password,
+        // an unencoded `?` in it included.
+        None => {
+            let hidden = hide_userinfo(url);
+            return match hidden.split_once('?') {
+                Some((head, query)) => redact_query(head.to_owned(), Some(query)),
+                None => hidden,
+            };
+        }
     };
     redact_query(out, query)
+}
+
+/// Where a password with an unencoded `?` put the rest of the userinfo: the query's
+/// first key has an `@` (no option's name has one). The query after that key's last `@`
+/// (hosts, path and options), if so.
+fn userinfo_in_query(query: Option<&str>) -> Option<&str> {
+    let query = query?;
+    let key_end = query.find(['=', '&']).unwrap_or(query.len());
+    let at = query[..key_end].rfind('@')?;
+    Some(&query[at + 1..])
 }
 
 /// `head` with `?query` appended, secret-looking values replaced by `***`.
@@ -377,8 +412,17 @@ fn redact_query(mut out: String, query: Option<&str>) -> String {
     out
 }
 
-/// Whether an option's value may be a secret, so that errors and logs hide it.
-pub(crate) fn is_secret_key(key: &str) -> bool {
+/// Whether an option's (or a client setting's) value may be a secret, so that errors and
+/// logs hide it: its name holds `password`, `passwd`, `secret`, `token`, `key`,
+/// `credential` or `sasl`, in any case.
+///
+/// ```
+/// use courier_core::backend::is_secret_key;
+///
+/// assert!(is_secret_key("sasl.password") && is_secret_key("ssl.key.location") && is_secret_key("Token"));
+/// assert!(!is_secret_key("heartbeat"));
+/// ```
+pub fn is_secret_key(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
     ["password", "passwd", "secret", "token", "key", "credential", "sasl"].iter().any(|s| k.contains(s))
 }
