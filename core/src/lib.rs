@@ -45,6 +45,8 @@ pub mod backend;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+#[cfg(any(test, feature = "conformance"))]
+pub mod redaction;
 
 pub use backend::redact_url;
 pub use broker::{Broker, Consumer, ConsumerOptions, DynBroker, Stats};

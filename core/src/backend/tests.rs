@@ -227,41 +227,7 @@ mod secrets_stay_secret {
 
     use super::*;
 
-    /// Cyrillic letters, the URL's own delimiters, and a few ASCII characters (hex digits
-    /// after a `%`). Every password starts with a Cyrillic letter; nothing else in the
-    /// URLs or in any message has one, so a piece of a password that shows up is caught,
-    /// not only the whole of it.
-    const ALPHABET: &str = "жшщюяЖ/?#@%+:=&,;[]! f0A";
-
-    pub(super) fn password() -> impl Strategy<Value = String> {
-        let chars: Vec<char> = ALPHABET.chars().collect();
-        proptest::collection::vec(proptest::sample::select(chars), 0..20).prop_map(|rest| {
-            let mut p = String::from("ж");
-            p.extend(rest);
-            p
-        })
-    }
-
-    /// Every byte outside the unreserved set as `%XX`, as a careful user writes it.
-    pub(super) fn encode(text: &str) -> String {
-        text.bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
-                _ => format!("%{b:02X}"),
-            })
-            .collect()
-    }
-
-    /// Panics if `shown` holds `password`, its encoded form, or any piece of it.
-    pub(super) fn assert_hidden(shown: &str, password: &str, what: &str) {
-        let upper = shown.to_ascii_uppercase();
-        let leaked = shown.contains(password)
-            || shown.contains(&encode(password))
-            || shown.chars().any(|c| ('\u{400}'..='\u{4ff}').contains(&c))
-            || upper.contains("%D0")
-            || upper.contains("%D1");
-        assert!(!leaked, "{what} shows (part of) the password {password:?}: {shown}");
-    }
+    pub(super) use crate::redaction::{assert_hidden, encode, password};
 
     /// Everything Courier's core writes about `url`.
     fn check(url: &str, password: &str) {
