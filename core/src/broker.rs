@@ -56,6 +56,25 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// consumer opens are kept. Idempotent.
     async fn declare(&self, source: &Source) -> Result<()>;
 
+    /// Creates a destination ahead of time: a queue, as [`declare`](Self::declare) does,
+    /// or a topic with no subscription yet, for backends whose topics exist apart from
+    /// their subscriptions (a RabbitMQ exchange, a Kafka topic). Idempotent. Backends
+    /// without topics return `Unsupported`; the default creates queues through `declare`
+    /// and takes topics as existing once a subscription does.
+    ///
+    /// ```
+    /// # use courier_core::{Broker, Destination};
+    /// # async fn example(broker: &dyn Broker) -> Result<(), courier_core::Error> {
+    /// broker.declare_destination(&Destination::topic("events")?).await?;
+    /// # Ok(()) }
+    /// ```
+    async fn declare_destination(&self, destination: &Destination) -> Result<()> {
+        match destination {
+            Destination::Queue(queue) => self.declare(&Source::Queue(queue.clone())).await,
+            Destination::Topic(_) => self.capabilities().require(Feature::FanOut),
+        }
+    }
+
     /// Counts for a source. Backends without counts return `Unsupported`.
     async fn stats(&self, source: &Source) -> Result<Stats> {
         let _ = source;

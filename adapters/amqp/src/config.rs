@@ -8,7 +8,14 @@ use courier_core::{redact_url, Result};
 /// How the adapter treats queues, exchanges and bindings it needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeclareMode {
-    /// Create what is missing (idempotent; the default).
+    /// Use what exists as it is, whatever its settings (durable or not, classic or
+    /// quorum, with its own dead-letter exchange or none), and create what is missing
+    /// with Courier's settings; the default. A queue another application declared with
+    /// its client's defaults is consumed as it is, and a log line names the settings
+    /// that differ from Courier's.
+    Adopt,
+    /// Create what is missing and insist on Courier's settings: a queue or exchange that
+    /// exists with other settings is an error naming the one that differs.
     Create,
     /// Only check that it exists; a missing one is
     /// [`Error::NotFound`](courier_core::Error::NotFound). For brokers whose topology is
@@ -36,7 +43,8 @@ pub enum QueueType {
 ///
 /// | option | values | default |
 /// |---|---|---|
-/// | `declare` | `create` or `verify` | `create` |
+/// | `declare` | `adopt` (use what exists as it is, create what is missing), `create` (as `adopt`, but what exists must have Courier's settings) or `verify` (create nothing) | `adopt` |
+/// | `durable` | `true` or `false`: whether queues and exchanges the adapter creates survive a broker restart (`false` for applications that want transient queues) | `true` |
 /// | `queue_type` | `classic` or `quorum` | `classic` |
 /// | `prefetch` | default basic.qos per consumer, 1..=65535 | consumer option (100) |
 /// | `reconnect_timeout_secs` | how long a lost connection is retried before errors surface | `30` |
@@ -56,8 +64,11 @@ pub enum QueueType {
 #[derive(Clone)]
 pub struct AmqpConfig {
     uri: String,
-    /// Create missing topology, or only verify it.
+    /// Adopt existing topology and create what is missing, insist on Courier's
+    /// settings, or only verify that it exists.
     pub declare: DeclareMode,
+    /// Whether queues and exchanges the adapter creates are durable.
+    pub durable: bool,
     /// The type of queues the adapter creates.
     pub queue_type: QueueType,
     /// A basic.qos prefetch that overrides each consumer's own.
@@ -80,8 +91,11 @@ impl AmqpConfig {
     pub fn from_backend_url(mut url: BackendUrl) -> Result<Self> {
         url.expect_scheme(crate::BACKEND, &["amqp", "amqps"])?;
         let options = url.options();
-        let declare =
-            options.take_enum("declare", &[("create", DeclareMode::Create), ("verify", DeclareMode::Verify)])?;
+        let declare = options.take_enum(
+            "declare",
+            &[("adopt", DeclareMode::Adopt), ("create", DeclareMode::Create), ("verify", DeclareMode::Verify)],
+        )?;
+        let durable = options.take_bool("durable")?;
         let queue_type =
             options.take_enum("queue_type", &[("classic", QueueType::Classic), ("quorum", QueueType::Quorum)])?;
         let prefetch = options.take_number("prefetch", 1..=u16::MAX)?;
@@ -117,7 +131,8 @@ impl AmqpConfig {
         let head = url.without_query();
         Ok(AmqpConfig {
             uri: if lapin.is_empty() { head.to_owned() } else { format!("{head}?{}", lapin.join("&")) },
-            declare: declare.unwrap_or(DeclareMode::Create),
+            declare: declare.unwrap_or(DeclareMode::Adopt),
+            durable: durable.unwrap_or(true),
             queue_type: queue_type.unwrap_or(QueueType::Classic),
             prefetch,
             reconnect_timeout: reconnect_timeout.unwrap_or(Duration::from_secs(30)),
@@ -142,6 +157,7 @@ impl std::fmt::Debug for AmqpConfig {
         f.debug_struct("AmqpConfig")
             .field("uri", &self.redacted())
             .field("declare", &self.declare)
+            .field("durable", &self.durable)
             .field("queue_type", &self.queue_type)
             .field("prefetch", &self.prefetch)
             .field("reconnect_timeout", &self.reconnect_timeout)
@@ -163,12 +179,19 @@ mod tests {
             (QueueType::Quorum, Some(5), Duration::from_secs(3))
         );
         assert_eq!(c.uri(), "amqps://u:p@h/vh");
+        // By default what exists is used as it is, and what is created is durable.
+        let c = AmqpConfig::from_url("amqp://h").unwrap();
+        assert_eq!((c.declare, c.durable), (DeclareMode::Adopt, true));
+        let c = AmqpConfig::from_url("amqp://h?declare=create&durable=false").unwrap();
+        assert_eq!((c.declare, c.durable), (DeclareMode::Create, false));
     }
 
     #[test]
     fn bad_values_name_the_option() {
         let err = AmqpConfig::from_url("amqp://h?declare=maybe").unwrap_err().to_string();
-        assert!(err.contains("declare") && err.contains("create or verify"), "{err}");
+        assert!(err.contains("declare") && err.contains("adopt, create or verify"), "{err}");
+        let err = AmqpConfig::from_url("amqp://h?durable=maybe").unwrap_err().to_string();
+        assert!(err.contains("durable"), "{err}");
         let err = AmqpConfig::from_url("amqp://h?prefetch=0").unwrap_err().to_string();
         assert!(err.contains("prefetch"), "{err}");
         assert!(AmqpConfig::from_url("http://h").is_err());
@@ -189,7 +212,7 @@ mod tests {
             err.starts_with("configuration amqp URL option prefech: is not an option (did you mean prefetch?)"),
             "{err}"
         );
-        assert!(err.contains("declare=create|verify") && err.contains("heartbeat=N"), "{err}");
+        assert!(err.contains("declare=adopt|create|verify") && err.contains("heartbeat=N"), "{err}");
     }
 
     #[test]

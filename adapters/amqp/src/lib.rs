@@ -29,9 +29,9 @@
 //!
 //! | Courier | RabbitMQ |
 //! |---|---|
-//! | queue `q` | durable queue `q` (classic, or quorum with `?queue_type=quorum`) |
-//! | topic `t` | durable fanout exchange `t` |
-//! | subscription `t/s` | durable queue `t.s` bound to exchange `t` |
+//! | queue `q` | queue `q` as it exists (made by another application: transient or durable, classic or quorum, its own arguments kept); else created durable (classic, or quorum with `?queue_type=quorum`; transient with `?durable=false`) |
+//! | topic `t` | exchange `t` as it exists (a `topic` exchange is bound with `#`); else created as a durable fanout exchange |
+//! | subscription `t/s` | queue `t.s`, adopted or created as a queue is, bound to exchange `t` |
 //! | send | persistent, `mandatory` publish awaiting its publisher confirm: an unroutable message (no such queue, or a topic without subscriptions) or a nack is an error, never a silent loss; batches pipeline their confirms |
 //! | receive | `basic.consume` with `basic.qos` prefetch |
 //! | ack | `basic.ack` |
@@ -51,6 +51,16 @@
 //! The message id, the content type, header names and the values of those `amqp-*` headers
 //! are AMQP short strings: a send with one over 255 bytes fails before any I/O, with a
 //! non-retryable error naming it.
+//!
+//! # Queues and exchanges that already exist
+//!
+//! With `declare=adopt`, the default, the adapter declares with its own settings and,
+//! when RabbitMQ answers that the queue or exchange exists with others (406
+//! PRECONDITION_FAILED), uses it as it is and logs the difference at `info`. A queue a
+//! Python program made with `queue_declare(queue='hello')` is consumed with no option
+//! set. `declare=create` insists on Courier's settings instead, and `declare=verify`
+//! creates nothing. The dead-letter queue is declared when the consumer opens, so a
+//! missing one fails the route at start, naming it, and never in the middle of a run.
 //!
 //! # Delays
 //!
@@ -344,12 +354,138 @@ impl Inner {
         lapin_error(&format!("publish to {}", route_name(route)), e)
     }
 
+    /// Declares what `source` reads from, as the URL's `declare` option says: the topic's
+    /// exchange, the queue, and the binding between them.
     async fn declare_source(&self, source: &Source) -> Result<()> {
-        let mode = self.session.config.declare;
+        let queue = queue_name(source);
+        let Source::Subscription { topic, .. } = source else {
+            self.declare_entity(Entity::Queue { name: &queue, kind: "queue" }).await?;
+            return Ok(());
+        };
+        let found = self.declare_entity(Entity::Exchange(topic.as_str())).await?;
+        self.declare_entity(Entity::Queue { name: &queue, kind: "subscription" }).await?;
+        if self.session.config.declare == DeclareMode::Verify {
+            return Ok(());
+        }
+        // A topic exchange another application made routes by pattern: `#` takes every
+        // message, as binding a fanout exchange does. Other kinds ignore or match "".
+        let key = if found.is_some_and(|f| f.exchange_type() == Some("topic")) { "#" } else { "" };
         let channel = self.session.channel().await?;
-        let result = declare_source_on(&channel, source, mode, &self.session.config).await;
+        let bound = session::within(
+            &format!("bind {queue} to topic {topic}"),
+            channel.queue_bind(
+                queue.as_str().into(),
+                topic.as_str().into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await;
         close_quietly(&channel).await;
-        result
+        bound?.map_err(|e| lapin_error(&format!("bind {queue} to topic {topic}"), e))
+    }
+
+    /// Declares one exchange or queue. In adopt mode, one that exists with settings other
+    /// than Courier's is used as it is: the broker's answer names the setting, which is
+    /// logged and returned.
+    async fn declare_entity(&self, entity: Entity<'_>) -> Result<Option<OtherSettings>> {
+        let config = &self.session.config;
+        let doing = format!("declare {} {}", entity.kind(), entity.name());
+        let channel = self.session.channel().await?;
+        let result = session::within(&doing, entity.declare(&channel, config)).await;
+        // A refused declare closes the channel; closing it again is harmless.
+        close_quietly(&channel).await;
+        let error = match result? {
+            Ok(()) => return Ok(None),
+            Err(e) => e,
+        };
+        match protocol_error(&error) {
+            Some((404, _)) => Err(Error::NotFound { kind: entity.kind(), name: entity.name().to_owned() }),
+            Some((406, text)) if config.declare == DeclareMode::Adopt => {
+                let found = OtherSettings(text.to_owned());
+                tracing::info!(
+                    kind = entity.kind(),
+                    name = entity.name(),
+                    "using the existing {} {} as it is; its settings differ from Courier's: {}",
+                    entity.kind(),
+                    entity.name(),
+                    found.0
+                );
+                Ok(Some(found))
+            }
+            _ => Err(lapin_error(&doing, error)),
+        }
+    }
+}
+
+/// An exchange or queue the adapter declares.
+#[derive(Clone, Copy)]
+enum Entity<'a> {
+    Exchange(&'a str),
+    Queue { name: &'a str, kind: &'static str },
+}
+
+impl Entity<'_> {
+    fn kind(&self) -> &'static str {
+        match self {
+            Entity::Exchange(_) => "topic",
+            Entity::Queue { kind, .. } => kind,
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Entity::Exchange(name) | Entity::Queue { name, .. } => name,
+        }
+    }
+
+    /// One declare on `channel`: passive in verify mode, else with Courier's settings.
+    async fn declare(&self, channel: &Channel, config: &AmqpConfig) -> lapin::Result<()> {
+        let passive = config.declare == DeclareMode::Verify;
+        match *self {
+            Entity::Exchange(name) => {
+                let options = ExchangeDeclareOptions { passive, durable: config.durable, ..Default::default() };
+                channel.exchange_declare(name.into(), ExchangeKind::Fanout, options, FieldTable::default()).await
+            }
+            Entity::Queue { name, .. } => {
+                let mut args = FieldTable::default();
+                if config.queue_type == QueueType::Quorum && !passive {
+                    args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+                }
+                if let Some(expires) = config.queue_expires.filter(|_| !passive) {
+                    let millis = expires.as_millis().min(u32::MAX as u128) as i64;
+                    args.insert("x-expires".into(), AMQPValue::LongLongInt(millis));
+                }
+                let options = QueueDeclareOptions { passive, durable: config.durable, ..Default::default() };
+                channel.queue_declare(name.into(), options, args).await.map(|_| ())
+            }
+        }
+    }
+}
+
+/// RabbitMQ's account of how an existing queue or exchange differs from what Courier
+/// declared, e.g. `inequivalent arg 'durable' for queue 'hello' in vhost '/': received
+/// 'true' but current is 'false'`.
+struct OtherSettings(String);
+
+impl OtherSettings {
+    /// The type of an existing exchange, when that is what differs.
+    fn exchange_type(&self) -> Option<&str> {
+        let text = &self.0;
+        if !text.contains("arg 'type'") {
+            return None;
+        }
+        let rest = &text[text.find("current is '")? + "current is '".len()..];
+        Some(&rest[..rest.find('\'')?])
+    }
+}
+
+/// The reply code and text of a channel or connection error from the broker.
+fn protocol_error(e: &lapin::Error) -> Option<(u16, &str)> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => Some((amqp.get_id(), amqp.get_message().as_str())),
+        _ => None,
     }
 }
 
@@ -401,47 +537,6 @@ pub(crate) fn queue_name(source: &Source) -> String {
     }
 }
 
-async fn declare_source_on(channel: &Channel, source: &Source, mode: DeclareMode, config: &AmqpConfig) -> Result<()> {
-    let passive = mode == DeclareMode::Verify;
-    let mut args = FieldTable::default();
-    if config.queue_type == QueueType::Quorum && !passive {
-        args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
-    }
-    if let Some(expires) = config.queue_expires.filter(|_| !passive) {
-        args.insert("x-expires".into(), AMQPValue::LongLongInt(expires.as_millis().min(u32::MAX as u128) as i64));
-    }
-    let queue = queue_name(source);
-    let not_found = |kind: &'static str, name: &str, e: lapin::Error| match e.kind() {
-        lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404 => {
-            Error::NotFound { kind, name: name.to_owned() }
-        }
-        _ => lapin_error(&format!("declare {kind} {name}"), e),
-    };
-    if let Source::Subscription { topic, .. } = source {
-        let options = ExchangeDeclareOptions { passive, ..durable_exchange() };
-        channel
-            .exchange_declare(topic.as_str().into(), ExchangeKind::Fanout, options, FieldTable::default())
-            .await
-            .map_err(|e| not_found("topic", topic.as_str(), e))?;
-    }
-    let options = QueueDeclareOptions { passive, ..durable_queue() };
-    let kind = if matches!(source, Source::Queue(_)) { "queue" } else { "subscription" };
-    channel.queue_declare(queue.as_str().into(), options, args).await.map_err(|e| not_found(kind, &queue, e))?;
-    if let (Source::Subscription { topic, .. }, false) = (source, passive) {
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                topic.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| lapin_error(&format!("bind {queue} to topic {topic}"), e))?;
-    }
-    Ok(())
-}
-
 async fn close_quietly(channel: &Channel) {
     if channel.status().connected() {
         session::within("close a channel", channel.close(200, "done".into())).await.ok();
@@ -488,8 +583,10 @@ impl Broker for AmqpBroker {
         self.inner.session.open.check()?;
         self.inner.declare_source(source).await?;
         let policy = options.settle_policy(source);
+        // The dead-letter queue exists before the first message fails, or the route fails
+        // here, naming it: never in the middle of a run.
         if let Destination::Queue(dlq) = policy.dead_letter() {
-            self.inner.declare_source(&Source::Queue(dlq.clone())).await?;
+            self.inner.declare_entity(Entity::Queue { name: dlq.as_str(), kind: "dead-letter queue" }).await?;
         }
         let settle = consumer::Settle::new(self.clone(), policy)?;
         let prefetch =
@@ -501,6 +598,14 @@ impl Broker for AmqpBroker {
     async fn declare(&self, source: &Source) -> Result<()> {
         self.inner.session.open.check()?;
         self.inner.declare_source(source).await
+    }
+
+    async fn declare_destination(&self, destination: &Destination) -> Result<()> {
+        self.inner.session.open.check()?;
+        match destination {
+            Destination::Queue(queue) => self.inner.declare_source(&Source::Queue(queue.clone())).await,
+            Destination::Topic(topic) => self.inner.declare_entity(Entity::Exchange(topic.as_str())).await.map(|_| ()),
+        }
     }
 
     async fn purge(&self, source: &Source) -> Result<u64> {

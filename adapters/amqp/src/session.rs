@@ -191,8 +191,8 @@ pub(crate) fn lapin_error(doing: &str, e: lapin::Error) -> Error {
     let hint = match e.kind() {
         ErrorKind::ProtocolError(amqp) => match amqp.get_id() {
             403 => "; check the user name, password and vhost permissions",
-            404 => "; the queue or exchange does not exist: declare it, or use declare=create",
-            406 => "; it exists with other settings (durability or x-queue-type): match them, e.g. queue_type=quorum in the URL",
+            404 => "; the queue or exchange does not exist: declare it, or use declare=adopt (the default) to create it",
+            406 => "; it exists with other settings (durability or x-queue-type): use it as it is with declare=adopt (the default), or match them, e.g. queue_type=quorum or durable=false in the URL",
             _ => "",
         },
         ErrorKind::IOError(_) => "; is RabbitMQ running and reachable?",

@@ -260,6 +260,7 @@ impl Inner {
             return Ok(*n);
         }
         if let Some(n) = self.partitions_of(topic).await? {
+            tracing::info!(topic, partitions = n, "using the existing topic {topic} as it is ({n} partitions)");
             self.topics.lock().unwrap().insert(topic.to_owned(), n);
             return Ok(n);
         }
@@ -424,6 +425,11 @@ impl Broker for KafkaBroker {
             self.inner.start_group_at_end(topic_of(&topic), &self.inner.config.group_id(source)).await?;
         }
         Ok(())
+    }
+
+    async fn declare_destination(&self, destination: &Destination) -> Result<()> {
+        self.inner.open.check()?;
+        self.inner.ensure_topic(topic_of(destination), None).await.map(|_| ())
     }
 
     async fn stats(&self, _source: &Source) -> Result<courier_core::Stats> {
