@@ -33,7 +33,14 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         orders: u64,
     },
-    /// Send messages: the given texts, or one per line from a file or stdin.
+    /// Create queues, topics and subscriptions (idempotent; what exists is kept as it is).
+    Declare {
+        /// What to create: queue:NAME, topic:NAME or topic:NAME/SUBSCRIPTION.
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+    /// Send messages: the given texts, or one per line from a file or stdin. Creates the
+    /// queue or topic sent to when it is missing, unless --no-create.
     Send(SendArgs),
     /// Receive messages and print them.
     Consume(ConsumeArgs),
@@ -70,6 +77,9 @@ struct SendArgs {
     /// Delay in seconds.
     #[arg(long)]
     delay_secs: Option<u64>,
+    /// Do not create the destination when it is missing (the send then fails, naming it).
+    #[arg(long)]
+    no_create: bool,
     /// Read one message per line from this file ("-" for stdin).
     #[arg(long, conflicts_with = "messages")]
     file: Option<PathBuf>,
@@ -82,15 +92,15 @@ struct ConsumeArgs {
     /// Source: queue:NAME or topic:NAME/SUBSCRIPTION.
     #[arg(long)]
     from: String,
-    /// Stop after this many messages (default: until none arrive for --wait-secs).
+    /// Stop after this many messages (default: once none arrive for --wait seconds).
     #[arg(long)]
     count: Option<usize>,
     /// Keep waiting for new messages until Ctrl-C.
     #[arg(long)]
     follow: bool,
-    /// Seconds to wait for messages before stopping (without --follow).
-    #[arg(long, default_value_t = 2)]
-    wait_secs: u64,
+    /// Seconds to wait for the next message before stopping (without --follow).
+    #[arg(long, visible_alias = "wait-secs", value_name = "SECONDS", default_value_t = 5)]
+    wait: u64,
     /// Leave messages unsettled (they come back after their lease) instead of acking.
     #[arg(long)]
     peek: bool,
@@ -134,6 +144,9 @@ enum DlqAction {
         /// The source whose dead letters to show.
         #[arg(long)]
         from: String,
+        /// Show at most this many (they are held unsettled while listed).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
     },
     /// Send dead letters back to the destination they came from.
     Redrive {
@@ -165,7 +178,26 @@ async fn main() {
         .init();
     if let Err(e) = run(cli).await {
         eprintln!("error: {e}");
+        if let Some(next) = next_step(&e) {
+            eprintln!("hint: {next}");
+        }
         std::process::exit(1);
+    }
+}
+
+/// The command to run next, for errors one command can cure.
+fn next_step(e: &Error) -> Option<String> {
+    match e {
+        Error::NotFound { kind: "queue" | "dead-letter queue", name } => {
+            Some(format!("create it with `courier declare queue:{name}`"))
+        }
+        Error::NotFound { kind: "topic", name } => {
+            Some(format!("create it with a subscription: `courier declare topic:{name}/SUBSCRIPTION`"))
+        }
+        Error::NotFound { kind: "subscription", name } => {
+            Some(format!("create it with `courier declare topic:TOPIC/SUBSCRIPTION` (here {name})"))
+        }
+        _ => None,
     }
 }
 
@@ -181,11 +213,12 @@ async fn run(cli: Cli) -> Result<(), Error> {
     let broker = config.connect().await?;
     match cli.command {
         Command::Demo { orders } => demo(broker, &config, orders).await,
+        Command::Declare { targets } => declare(broker, targets).await,
         Command::Send(args) => send(broker, args).await,
         Command::Consume(args) => consume(broker, args).await,
         Command::Stats { sources } => stats(broker, sources).await,
         Command::Faas(args) => faas(broker, args).await,
-        Command::Dlq { action: DlqAction::List { from } } => dlq_list(broker, &from).await,
+        Command::Dlq { action: DlqAction::List { from, limit } } => dlq_list(broker, &from, limit).await,
         Command::Dlq { action: DlqAction::Redrive { from, limit } } => dlq_redrive(broker, &from, limit).await,
     }
 }
@@ -244,8 +277,23 @@ async fn faas(broker: DynBroker, args: FaasArgs) -> Result<(), Error> {
     Ok(())
 }
 
+async fn declare(broker: DynBroker, targets: Vec<String>) -> Result<(), Error> {
+    for target in targets {
+        // topic:NAME/SUBSCRIPTION and queue:NAME are sources; topic:NAME is a destination.
+        match Source::parse(&target) {
+            Ok(source) => broker.declare(&source).await?,
+            Err(_) => broker.declare_destination(&Destination::parse(&target)?).await?,
+        }
+        println!("declared {target}");
+    }
+    Ok(())
+}
+
 async fn send(broker: DynBroker, args: SendArgs) -> Result<(), Error> {
     let to = Destination::parse(&args.to)?;
+    if !args.no_create {
+        broker.declare_destination(&to).await?;
+    }
     let build = |body: String| {
         let mut m = Message::new(body);
         m.headers.extend(args.headers.iter().cloned());
@@ -322,7 +370,7 @@ async fn consume(broker: DynBroker, args: ConsumeArgs) -> Result<(), Error> {
     let consumer = broker.consumer(&source, Default::default()).await?;
     let mut seen = 0usize;
     let stdout = std::io::stdout();
-    let wait = Duration::from_secs(args.wait_secs);
+    let wait = Duration::from_secs(args.wait);
     loop {
         let want = args.count.map_or(100, |c| (c - seen).min(100));
         let batch = tokio::select! {
@@ -349,13 +397,18 @@ async fn consume(broker: DynBroker, args: ConsumeArgs) -> Result<(), Error> {
 }
 
 async fn stats(broker: DynBroker, sources: Vec<String>) -> Result<(), Error> {
+    // Every count first, so that an error is not preceded by half a table.
+    let mut rows = Vec::with_capacity(sources.len());
+    for s in sources {
+        let source = Source::parse(&s)?;
+        let st = broker.stats(&source).await?;
+        rows.push((source, st));
+    }
     println!(
         "{:<40} {:>8} {:>9} {:>8} {:>13} {:>10}",
         "source", "depth", "in flight", "delayed", "dead-lettered", "oldest"
     );
-    for s in sources {
-        let source = Source::parse(&s)?;
-        let st = broker.stats(&source).await?;
+    for (source, st) in rows {
         let oldest = st.oldest_age.map(|a| format!("{:.1}s", a.as_secs_f64())).unwrap_or_else(|| "-".into());
         println!(
             "{:<40} {:>8} {:>9} {:>8} {:>13} {:>10}",
@@ -374,12 +427,15 @@ fn dead_letter_source(from: &str) -> Result<Source, Error> {
     Ok(Source::Queue(Source::parse(from)?.default_dead_letter().name().clone()))
 }
 
-async fn dlq_list(broker: DynBroker, from: &str) -> Result<(), Error> {
+async fn dlq_list(broker: DynBroker, from: &str, limit: usize) -> Result<(), Error> {
     let dlq = dead_letter_source(from)?;
-    let consumer = broker.consumer(&dlq, Default::default()).await?;
+    // Every listed message is held unsettled until the end, so the prefetch must cover
+    // them all, or the listing would stop at the first prefetch's worth.
+    let options = courier::ConsumerOptions::default().prefetch(limit.max(1));
+    let consumer = broker.consumer(&dlq, options).await?;
     let mut held = Vec::new();
-    loop {
-        let batch = consumer.receive(100, Duration::from_secs(1)).await?;
+    while held.len() < limit {
+        let batch = consumer.receive((limit - held.len()).min(100), Duration::from_secs(1)).await?;
         if batch.is_empty() {
             break;
         }
@@ -392,7 +448,11 @@ async fn dlq_list(broker: DynBroker, from: &str) -> Result<(), Error> {
     }
     // Closing hands the listed messages back to the dead-letter queue untouched.
     consumer.close().await?;
-    eprintln!("{} dead letter(s) in {dlq}", held.len());
+    if held.len() == limit {
+        eprintln!("{} dead letter(s) shown from {dlq}; there may be more: raise --limit", held.len());
+    } else {
+        eprintln!("{} dead letter(s) in {dlq}", held.len());
+    }
     Ok(())
 }
 
