@@ -155,9 +155,25 @@ pub struct DeadLetter {
 impl DeadLetter {
     /// A dead letter of a message delivered `attempts` times from `origin`, bound for
     /// `destination` because of `reason`.
+    ///
+    /// A reason longer than [`MAX_REASON_BYTES`](Self::MAX_REASON_BYTES) is cut there
+    /// (ending in `…`): a handler's error text of any size must not make the dead letter
+    /// too large for its broker, and so undeliverable.
     pub fn new(reason: impl Into<String>, attempts: u32, origin: Source, destination: Destination) -> Self {
-        DeadLetter { reason: reason.into(), attempts, origin, destination }
+        let mut reason = reason.into();
+        if reason.len() > Self::MAX_REASON_BYTES {
+            let mut end = Self::MAX_REASON_BYTES - '…'.len_utf8();
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+            reason.push('…');
+        }
+        DeadLetter { reason, attempts, origin, destination }
     }
+
+    /// The longest reason a dead letter carries, in bytes.
+    pub const MAX_REASON_BYTES: usize = 1024;
 
     /// Why the message was dead-lettered.
     pub fn reason(&self) -> &str {
@@ -487,6 +503,18 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
     use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn a_huge_reason_is_cut_so_the_dead_letter_stays_deliverable() {
+        let origin = Source::queue("q").unwrap();
+        let to = Destination::queue("q.dlq").unwrap();
+        // Multi-byte characters across the cut: it lands on a character boundary.
+        let letter = DeadLetter::new("é".repeat(1_000_000), 1, origin.clone(), to.clone());
+        assert!(letter.reason().len() <= DeadLetter::MAX_REASON_BYTES, "{}", letter.reason().len());
+        assert!(letter.reason().ends_with('…') && letter.reason().starts_with("éé"));
+        let short = DeadLetter::new("fine", 1, origin, to);
+        assert_eq!(short.reason(), "fine");
+    }
 
     /// Records what settlement asked of the backend.
     #[derive(Default)]

@@ -196,7 +196,11 @@ impl Inner {
             return Ok(url.clone());
         }
         let url = match self.client.get_queue_url().queue_name(name).send().await {
-            Ok(out) => out.queue_url().unwrap_or_default().to_owned(),
+            Ok(out) => {
+                // Its attributes (visibility timeout, redrive policy) are its owner's: kept.
+                tracing::info!(queue = name, "using the existing queue {name} as it is");
+                out.queue_url().unwrap_or_default().to_owned()
+            }
             Err(e) if !self.create => {
                 let text = format!("{}", aws_sdk_sqs::error::DisplayErrorContext(&e));
                 if text.contains("NonExistentQueue") || text.contains("does not exist") {
@@ -526,20 +530,33 @@ impl Consumer for SqsConsumer {
             let per_call = max.div_ceil(calls).clamp(1, 10);
             let received = futures::future::try_join_all((0..calls).map(|_| self.poll(per_call as i32, poll))).await?;
             let messages: Vec<_> = received.into_iter().flatten().collect();
-            if !messages.is_empty() {
-                return messages
-                    .iter()
-                    .map(|m| {
-                        let (message, attempt, handle) = mapping::message(m)?;
-                        let acker = SqsAcker {
-                            consumer: self.shared.clone(),
-                            handle,
-                            id: message.id.clone(),
-                            message: message.clone(),
-                        };
-                        Ok(Delivery::new(message, attempt, Box::new(acker)))
-                    })
-                    .collect();
+            let mut deliveries = Vec::with_capacity(messages.len());
+            for m in &messages {
+                let received = mapping::message(m);
+                let acker = SqsAcker {
+                    consumer: self.shared.clone(),
+                    handle: received.handle,
+                    id: received.message.id.clone(),
+                    message: received.message.clone(),
+                };
+                let delivery = Delivery::new(received.message, received.attempt, Box::new(acker));
+                match received.poison {
+                    None => deliveries.push(delivery),
+                    // Dead-lettered on its own, while the others go on; should that fail,
+                    // SQS brings it back after its lease to try again.
+                    Some(reason) => {
+                        let queue = self.queue.clone();
+                        tokio::spawn(async move {
+                            let id = delivery.id.clone();
+                            if let Err(e) = delivery.reject(&reason).await {
+                                tracing::warn!(%id, queue, error = %e, "could not dead-letter an undecodable message; it comes back after its lease");
+                            }
+                        });
+                    }
+                }
+            }
+            if !deliveries.is_empty() {
+                return Ok(deliveries);
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {

@@ -15,6 +15,10 @@ pub(crate) const ID_ATTRIBUTE: &str = "courier-id";
 pub(crate) const ENCODING_ATTRIBUTE: &str = "courier-encoding";
 /// Message attribute carrying the content type.
 pub(crate) const CONTENT_TYPE_ATTRIBUTE: &str = "content-type";
+/// Message attribute carrying all headers as one JSON object, when a message Courier
+/// republishes (a dead letter, with its reason, attempts and origin) would need more
+/// attributes than SQS allows. Sends by applications never pack: they are refused first.
+pub(crate) const PACKED_HEADERS_ATTRIBUTE: &str = "courier-headers";
 /// SQS's limit on message attributes.
 const MAX_ATTRIBUTES: usize = 10;
 
@@ -116,8 +120,18 @@ fn header_name(attribute: &str) -> String {
 
 pub(crate) fn attributes(message: &Message, encoded: bool) -> Result<HashMap<String, MessageAttributeValue>> {
     let mut attributes = HashMap::with_capacity(message.headers.len() + 3);
-    for (k, v) in &message.headers {
-        attributes.insert(attribute_name(k), string(v)?);
+    let own = 1 + usize::from(encoded) + usize::from(message.content_type.is_some());
+    if message.headers.len() + own > MAX_ATTRIBUTES {
+        // A dead letter of a message that used every attribute: its headers, dead-letter
+        // headers included, ride in one, rather than the dead letter failing for ever.
+        let packed: std::collections::BTreeMap<&str, &str> =
+            message.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let json = serde_json::to_string(&packed).map_err(|e| Error::permanent(BACKEND, "pack headers", e))?;
+        attributes.insert(PACKED_HEADERS_ATTRIBUTE.to_owned(), string(&json)?);
+    } else {
+        for (k, v) in &message.headers {
+            attributes.insert(attribute_name(k), string(v)?);
+        }
     }
     attributes.insert(ID_ATTRIBUTE.to_owned(), string(message.id.as_str())?);
     if encoded {
@@ -129,23 +143,54 @@ pub(crate) fn attributes(message: &Message, encoded: bool) -> Result<HashMap<Str
     Ok(attributes)
 }
 
-/// A received SQS message: the Courier message, its attempt, and its receipt handle.
-pub(crate) fn message(m: &aws_sdk_sqs::types::Message) -> Result<(Message, u32, String)> {
+/// A received SQS message: the Courier message, its attempt, its receipt handle, and
+/// why it cannot be handled, if it cannot (it is then dead-lettered on its own, as it
+/// arrived, while the messages received with it go on).
+pub(crate) struct Received {
+    pub message: Message,
+    pub attempt: u32,
+    pub handle: String,
+    pub poison: Option<String>,
+}
+
+/// The body's bytes. Courier base64-encodes only payloads SQS cannot carry as text, so
+/// a `courier-encoding: base64` whose body decodes to text SQS could carry was not set by
+/// Courier: that body is data, kept as it is (with the attribute as a plain header),
+/// never decoded into other bytes.
+fn payload(body: &str, encoding: Option<&str>) -> (Vec<u8>, bool, Option<String>) {
+    if encoding != Some("base64") {
+        return (body.as_bytes().to_vec(), false, None);
+    }
+    match base64::engine::general_purpose::STANDARD.decode(body) {
+        Ok(bytes) if std::str::from_utf8(&bytes).is_ok_and(is_sqs_text) => (body.as_bytes().to_vec(), false, None),
+        Ok(bytes) => (bytes, true, None),
+        Err(e) => (
+            body.as_bytes().to_vec(),
+            false,
+            Some(format!("undecodable: its courier-encoding attribute says base64, but the body is not base64 ({e})")),
+        ),
+    }
+}
+
+pub(crate) fn message(m: &aws_sdk_sqs::types::Message) -> Received {
     let attrs = m.message_attributes();
     let text = |name: &str| attrs.and_then(|a| a.get(name)).and_then(|v| v.string_value()).map(str::to_owned);
-    let body = m.body().unwrap_or_default();
-    let payload = if text(ENCODING_ATTRIBUTE).as_deref() == Some("base64") {
-        base64::engine::general_purpose::STANDARD
-            .decode(body)
-            .map_err(|e| Error::permanent(BACKEND, "decode a base64 body", e))?
-    } else {
-        body.as_bytes().to_vec()
-    };
+    let (payload, decoded, poison) = payload(m.body().unwrap_or_default(), text(ENCODING_ATTRIBUTE).as_deref());
     let id = text(ID_ATTRIBUTE).or_else(|| m.message_id().map(str::to_owned)).unwrap_or_default();
     let mut message = Message::new(payload).with_id(MessageId::from(id.as_str()));
     for (k, v) in attrs.into_iter().flatten() {
-        if matches!(k.as_str(), ID_ATTRIBUTE | ENCODING_ATTRIBUTE | CONTENT_TYPE_ATTRIBUTE) {
+        // The encoding is Courier's when it decoded, and named in the reason when it could
+        // not; a dead letter that kept it would be undecodable again where it lands.
+        let encoding_used = decoded || poison.is_some();
+        if matches!(k.as_str(), ID_ATTRIBUTE | CONTENT_TYPE_ATTRIBUTE) || (encoding_used && k == ENCODING_ATTRIBUTE) {
             continue;
+        }
+        if k == PACKED_HEADERS_ATTRIBUTE {
+            let packed = v.string_value().and_then(|j| serde_json::from_str::<HashMap<String, String>>(j).ok());
+            if let Some(packed) = packed {
+                message.headers.extend(packed);
+                continue;
+            }
         }
         let value = match (v.data_type(), v.string_value(), v.binary_value()) {
             (EMPTY_TYPE, _, _) => String::new(),
@@ -165,7 +210,7 @@ pub(crate) fn message(m: &aws_sdk_sqs::types::Message) -> Result<(Message, u32, 
     }
     let attempt = sys(MessageSystemAttributeName::ApproximateReceiveCount).and_then(|n| n.parse().ok()).unwrap_or(1);
     let handle = m.receipt_handle().unwrap_or_default().to_owned();
-    Ok((message, attempt, handle))
+    Received { message, attempt, handle, poison }
 }
 
 /// The SQS name of a queue: `.` is not allowed in SQS names (but for the `.fifo` suffix),
@@ -180,6 +225,56 @@ pub(crate) fn queue_name(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The message SQS would hand back for what `attributes` and `body` produced.
+    fn round_trip(message: &Message) -> Received {
+        let body = body(message);
+        let attributes = attributes(message, body.encoded).unwrap();
+        assert!(attributes.len() <= MAX_ATTRIBUTES, "{} attributes", attributes.len());
+        let sqs = aws_sdk_sqs::types::Message::builder()
+            .body(body.text)
+            .set_message_attributes(Some(attributes))
+            .message_id("sqs-id")
+            .receipt_handle("handle")
+            .build();
+        super::message(&sqs)
+    }
+
+    #[test]
+    fn a_dead_letter_of_a_message_using_every_attribute_still_fits() {
+        let mut message = Message::new("x");
+        for i in 0..8 {
+            message = message.with_header(format!("h{i}"), format!("v{i}"));
+        }
+        check_encoded(&message).expect("8 headers and Courier's 2 attributes fit the 10");
+        let letter = courier_core::DeadLetter::new(
+            "bad",
+            3,
+            courier_core::Source::queue("q").unwrap(),
+            courier_core::Destination::queue("q.dlq").unwrap(),
+        );
+        let dead = letter.apply(message.clone());
+        let back = round_trip(&dead);
+        assert_eq!(back.message.headers, dead.headers, "every header, the dead-letter ones too, comes back");
+        assert_eq!(back.message.id, message.id);
+    }
+
+    #[test]
+    fn a_body_is_decoded_only_when_courier_encoded_it() {
+        use base64::engine::general_purpose::STANDARD;
+        // Courier's own encoding of bytes SQS cannot carry: decoded.
+        let binary = vec![0u8, 1, 2, 255];
+        let (bytes, decoded, poison) = payload(&STANDARD.encode(&binary), Some("base64"));
+        assert_eq!((bytes, decoded, poison), (binary, true, None));
+        // A producer's text that merely claims base64: Courier would have sent it as text,
+        // so it is data, kept as it came.
+        let forged = STANDARD.encode("plain words");
+        assert_eq!(payload(&forged, Some("base64")), (forged.clone().into_bytes(), false, None));
+        // Not base64 at all: that message alone is poison, with a reason.
+        let (bytes, _, poison) = payload("not base64!!", Some("base64"));
+        assert_eq!(bytes, b"not base64!!");
+        assert!(poison.unwrap().contains("not base64"));
+    }
 
     #[test]
     fn names_sqs_refuses_are_encoded_and_come_back() {
