@@ -100,7 +100,10 @@ async fn pubsub_push_envelope() {
     assert_eq!((incoming.message.id.as_str(), &incoming.message.payload[..]), ("136969346945", &b"fine"[..]));
     assert_eq!((incoming.attempt, incoming.message.header("tenant")), (3, Some("acme")));
     assert_eq!(incoming.message.ordering_key.as_deref(), Some("customer-7"));
-    assert_eq!(incoming.source, Source::queue("orders-push").unwrap());
+    // The caller's subscription is data: the origin stays the route's source, so a dead
+    // letter cannot be made to redrive into a queue the caller chose.
+    assert_eq!(incoming.source, source());
+    assert_eq!(incoming.message.header("pubsub-subscription"), Some("projects/p/subscriptions/orders-push"));
 }
 
 #[tokio::test]

@@ -228,6 +228,50 @@ async fn rabbitmq_sample_event_and_null_properties() {
     assert_eq!(recorder.seen.lock().unwrap()[0].attempt, 2, "redelivered counts");
 }
 
+/// A record that cannot be decoded is that record's problem: with a dead-letter
+/// destination it is dead-lettered as it came, with the reason, and the records around
+/// it run; a queue name Courier's names cannot hold fails nothing.
+#[tokio::test]
+async fn undecodable_records_are_dead_lettered_alone_on_every_event() {
+    let broker: courier::DynBroker = Arc::new(LocalBroker::new());
+    let dlq = Source::queue("lambda.dlq").unwrap();
+    broker.declare(&dlq).await.unwrap();
+    let recorder = Recorder::default();
+    let trigger = recorder.failing(&[]).dead_letter(broker.clone(), Destination::queue("lambda.dlq").unwrap());
+
+    // Kafka: a value that is not base64, between two good records of one partition.
+    let record =
+        |offset: i64, value: &str| json!({"topic": "orders", "partition": 0, "offset": offset, "value": value});
+    let event = json!({"eventSource": "SelfManagedKafka", "records": {
+        "orders-0": [record(0, "b25l"), record(1, "%%% not base64"), record(2, "dHdv")]}});
+    trigger.kafka(serde_json::from_value(event).unwrap()).await.expect("the batch succeeds");
+    // RabbitMQ: the same, from a queue whose name has a ':' Courier names do not allow.
+    let event = json!({"eventSource": "aws:rmq", "rmqMessagesByQueue": {"orders:v2::/": [
+        {"basicProperties": {"messageId": "r1"}, "data": "b25l"},
+        {"basicProperties": {"messageId": "r2"}, "data": "%%% not base64"},
+        {"basicProperties": {"messageId": "r3"}, "data": "dHdv"},
+    ]}});
+    trigger.rabbitmq(serde_json::from_value(event).unwrap()).await.expect("the batch succeeds");
+    // SQS: a body that claims base64 and is not.
+    let mut bad = sqs_record("s2", None);
+    bad["body"] = json!("%%% not base64");
+    bad["messageAttributes"] = json!({"courier-encoding": {"stringValue": "base64", "dataType": "String"}});
+    let event =
+        serde_json::to_vec(&json!({ "Records": [sqs_record("s1", None), bad, sqs_record("s3", None)] })).unwrap();
+    assert!(trigger.sqs_json(&event).await.unwrap().batch_item_failures.is_empty());
+
+    assert_eq!(recorder.ids(), ["orders-0@0", "orders-0@2", "r1", "r3", "s1", "s3"]);
+    assert_eq!(recorder.seen.lock().unwrap()[2].source, Source::queue("orders_v2").unwrap());
+    let consumer = broker.consumer(&dlq, Default::default()).await.unwrap();
+    let dead = consumer.receive(10, std::time::Duration::from_secs(1)).await.unwrap();
+    let ids: Vec<_> = dead.iter().map(|d| d.id.to_string()).collect();
+    assert_eq!(ids, ["orders-0@1", "r2", "s2"]);
+    for d in &dead {
+        assert_eq!(&d.payload[..], b"%%% not base64", "as it came");
+        assert!(d.header(headers::DEAD_LETTER_REASON).unwrap().starts_with("undecodable record"), "{:?}", d.headers);
+    }
+}
+
 #[tokio::test]
 async fn the_same_handler_runs_under_the_worker_and_a_trigger() {
     // One function, two runtimes, one outcome type.

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | CloudEvents binary: `ce-specversion` header | body as payload, `Content-Type` as content type, `ce-id` as id, every `ce-*` header as a header |
 //! | CloudEvents structured: `Content-Type: application/cloudevents+json` | `data` (JSON as its text, a string as its bytes) or `data_base64` as payload, `datacontenttype` as content type, `id` as id, the other attributes as `ce-<name>` headers |
-//! | Pub/Sub push: `{"message": {...}, "subscription": "..."}` | `message.data` (base64) as payload, `message.attributes` as headers, `messageId` as id, `orderingKey` as ordering key, `deliveryAttempt` as attempt |
+//! | Pub/Sub push: `{"message": {...}, "subscription": "..."}` | `message.data` (base64) as payload, `message.attributes` as headers, `messageId` as id, `orderingKey` as ordering key, `deliveryAttempt` as attempt, `subscription` as the header `pubsub-subscription` (data: the origin of a dead letter is always the route's source) |
 //!
 //! Answers: [`Outcome::Ack`] is `204 No Content`; a retry is
 //! `503 Service Unavailable` (with `Retry-After` when the handler asked for a delay), which
@@ -28,6 +28,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{decode_base64, malformed, Trigger};
+
+/// The header carrying the subscription a Pub/Sub push envelope names.
+pub const PUBSUB_SUBSCRIPTION_HEADER: &str = "pubsub-subscription";
 use crate::handler::{Incoming, Outcome};
 
 /// A router that runs `trigger` for every push POSTed to `/`, as messages from `source`.
@@ -126,10 +129,11 @@ pub fn parse(headers: &HeaderMap, body: Bytes, source: Source) -> Result<Incomin
     }
     message.headers.extend(push.message.attributes);
     message.ordering_key = push.message.ordering_key.filter(|k| !k.is_empty());
-    let source = match push.subscription.as_deref().and_then(|s| s.rsplit('/').next()) {
-        Some(name) => Source::queue(name).unwrap_or(source),
-        None => source,
-    };
+    // What the caller says is data: the subscription it names is a header, never the
+    // origin a dead letter records (a redrive sends there), which is the route's own.
+    if let Some(subscription) = push.subscription {
+        message.headers.insert(PUBSUB_SUBSCRIPTION_HEADER.to_owned(), subscription);
+    }
     Ok(Incoming::new(message, push.delivery_attempt.unwrap_or(1), source))
 }
 

@@ -21,10 +21,10 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, UNIX_EPOCH};
 
-use courier_core::{Error, Message, Result, Source};
+use courier_core::{Error, Message, Result};
 use serde::Deserialize;
 
-use super::{decode_base64, malformed, text_or_base64, Trigger};
+use super::{decode_base64, malformed, origin, text_or_base64, Trigger};
 use crate::handler::Incoming;
 
 /// A Kafka event as Lambda delivers it.
@@ -127,7 +127,7 @@ impl KafkaRecord {
         if let Some(ms) = self.timestamp.and_then(|t| u64::try_from(t).ok()) {
             message.timestamp = UNIX_EPOCH + Duration::from_millis(ms);
         }
-        Ok(Incoming::new(message, attempt, Source::queue(&self.topic)?))
+        Ok(Incoming::new(message, attempt, origin(&self.topic)))
     }
 }
 
@@ -140,7 +140,9 @@ impl Trigger {
             for record in records.by_ref() {
                 let result = match record.to_incoming() {
                     Ok(incoming) => self.process(incoming).await,
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => {
+                        self.settle_undecodable(record.id(), record.value.as_deref(), origin(&record.topic), e).await
+                    }
                 };
                 if let Err(reason) = result {
                     return Some((record.id(), reason, records.len()));

@@ -30,7 +30,7 @@ pub mod sqs;
 
 use std::sync::Arc;
 
-use courier_core::{DeadLetter, Destination, DynBroker, Error};
+use courier_core::{DeadLetter, Destination, DynBroker, Error, Message, Source, MAX_NAME_LEN};
 
 use crate::handler::{BoxFuture, Handler, Incoming, Outcome};
 
@@ -127,6 +127,27 @@ impl Trigger {
         }
     }
 
+    /// A record the trigger cannot turn into a message (a value that is not base64, say):
+    /// dead-lettered as it came, its raw text the payload, with the reason, when a
+    /// destination is set; otherwise a failure of that record alone, for the platform's
+    /// redrive policy. Either way the records around it go on.
+    pub(crate) async fn settle_undecodable(
+        &self,
+        id: String,
+        raw: Option<&str>,
+        origin: Source,
+        error: Error,
+    ) -> std::result::Result<(), String> {
+        let reason = format!("undecodable record: {error}");
+        tracing::warn!(%id, %origin, %reason, "record cannot be decoded");
+        let message = Message::new(raw.unwrap_or_default().as_bytes().to_vec()).with_id(id);
+        match self.settle_rejection(Incoming::new(message, 1, origin), reason.clone()).await {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(format!("{reason}; and dead-lettering failed: {e}")),
+            None => Err(reason),
+        }
+    }
+
     /// Dead-letters a rejected message with the reason, attempts and origin headers;
     /// `None` when the trigger has no dead-letter destination.
     pub(crate) async fn settle_rejection(
@@ -138,6 +159,21 @@ impl Trigger {
         let letter = DeadLetter::new(reason, incoming.attempt, incoming.source, destination.clone());
         Some(broker.send(destination, letter.apply(incoming.message)).await.map(|_| ()))
     }
+}
+
+/// The source a platform names, as a Courier source. Platforms allow names Courier's
+/// portable names do not (a RabbitMQ queue `orders:v2`, a Kafka topic of 249
+/// characters): other characters become `_` and the name is cut at 200, so the origin
+/// header still says where a record came from, and no name fails every invocation.
+pub(crate) fn origin(name: &str) -> Source {
+    Source::queue(name).unwrap_or_else(|_| {
+        let clean: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
+            .take(MAX_NAME_LEN)
+            .collect();
+        Source::queue(if clean.is_empty() { "unnamed" } else { &clean }).expect("only allowed characters remain")
+    })
 }
 
 /// A malformed event: what it is and where it went wrong.

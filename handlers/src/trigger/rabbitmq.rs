@@ -17,11 +17,11 @@
 
 use std::collections::BTreeMap;
 
-use courier_core::{Error, Message, MessageId, Result, Source};
+use courier_core::{Error, Message, MessageId, Result};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{decode_base64, malformed, text_or_base64, Trigger};
+use super::{decode_base64, malformed, origin, text_or_base64, Trigger};
 use crate::handler::Incoming;
 
 /// A RabbitMQ event as Lambda delivers it.
@@ -132,7 +132,7 @@ impl RabbitMqMessage {
         if self.redelivered == Some(true) {
             attempt = attempt.saturating_add(1);
         }
-        Ok(Incoming::new(message, attempt, Source::queue(queue)?))
+        Ok(Incoming::new(message, attempt, origin(queue)))
     }
 }
 
@@ -143,9 +143,15 @@ impl Trigger {
         for (key, messages) in &event.rmq_messages_by_queue {
             let queue = key.split_once("::").map_or(key.as_str(), |(q, _)| q);
             for (n, msg) in messages.iter().enumerate() {
-                let incoming = msg.to_incoming(queue)?;
-                let id = incoming.message.id.clone();
-                if let Err(reason) = self.process(incoming).await {
+                let (id, result) = match msg.to_incoming(queue) {
+                    Ok(incoming) => (incoming.message.id.to_string(), self.process(incoming).await),
+                    Err(e) => {
+                        let id = msg.basic_properties.as_ref().and_then(|p| p.message_id.clone());
+                        let id = id.unwrap_or_else(|| format!("{queue}#{}", n + 1));
+                        (id.clone(), self.settle_undecodable(id, msg.data.as_deref(), origin(queue), e).await)
+                    }
+                };
+                if let Err(reason) = result {
                     return Err(Error::Other {
                         message: format!(
                             "message {id} ({} of {} from {queue}) failed: {reason}; Lambda requeues the batch",

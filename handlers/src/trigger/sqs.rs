@@ -17,11 +17,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, UNIX_EPOCH};
 
-use courier_core::{Message, Result, Source};
+use courier_core::{Message, Result};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::{decode_base64, malformed, text_or_base64, Trigger};
+use super::{decode_base64, malformed, origin, text_or_base64, Trigger};
 use crate::handler::Incoming;
 
 /// An SQS event as Lambda delivers it.
@@ -103,9 +103,16 @@ impl SqsRecord {
         let encoded =
             self.message_attributes.get(ENCODING_ATTRIBUTE).and_then(|a| a.string_value.as_deref()) == Some("base64");
         let payload = if encoded { decode_base64(WHAT, "body", body)? } else { body.as_bytes().to_vec() };
+        // Courier's SQS adapter encodes only bytes SQS cannot carry as text: a body whose
+        // decoding is such text only claims the encoding, and is data, kept as it came.
+        let (payload, encoded) = match String::from_utf8(payload) {
+            Ok(text) if encoded && is_sqs_text(&text) => (body.as_bytes().to_vec(), false),
+            Ok(text) => (text.into_bytes(), encoded),
+            Err(e) => (e.into_bytes(), encoded),
+        };
         let mut message = Message::new(payload).with_id(self.message_id.as_str());
         for (name, attribute) in &self.message_attributes {
-            if name == ENCODING_ATTRIBUTE {
+            if name == ENCODING_ATTRIBUTE && encoded {
                 continue;
             }
             let value = match (&attribute.string_value, &attribute.binary_value) {
@@ -127,9 +134,16 @@ impl SqsRecord {
             None => 1,
             Some(n) => n.parse().map_err(|e| malformed(WHAT, format!("ApproximateReceiveCount {n:?}: {e}")))?,
         };
-        let source = Source::queue(self.queue().unwrap_or("lambda-sqs"))?;
+        let source = origin(self.queue().unwrap_or("lambda-sqs"));
         Ok(Incoming::new(message, attempt, source))
     }
+}
+
+/// Whether SQS takes the text as a body (its allowed characters; as the SQS adapter checks).
+fn is_sqs_text(text: &str) -> bool {
+    text.chars().all(
+        |c| matches!(c, '\u{9}' | '\u{a}' | '\u{d}' | '\u{20}'..='\u{d7ff}' | '\u{e000}'..='\u{fffd}' | '\u{10000}'..),
+    )
 }
 
 impl Trigger {
@@ -175,8 +189,10 @@ impl Trigger {
     async fn process_record(&self, record: &SqsRecord) -> std::result::Result<(), String> {
         match record.to_incoming() {
             Ok(incoming) => self.process(incoming).await,
-            // A record we cannot read goes back; the redrive policy catches it if it never reads.
-            Err(e) => Err(e.to_string()),
+            Err(e) => {
+                let origin = origin(record.queue().unwrap_or("lambda-sqs"));
+                self.settle_undecodable(record.message_id.clone(), record.body.as_deref(), origin, e).await
+            }
         }
     }
 }
