@@ -26,6 +26,15 @@ use crate::{kafka_error, settings_error, Inner};
 const LOCK_GRACE: Duration = Duration::from_secs(30);
 /// Records read ahead of the handlers, at most, before reading pauses.
 const READ_AHEAD: usize = 10_000;
+/// Bytes of records read ahead, at most, before reading pauses: 10,000 records of 1 MB
+/// would otherwise be 10 GB. (librdkafka's own queue has its bound too:
+/// `queued.max.messages.kbytes`, 64 MiB by default.)
+const READ_AHEAD_BYTES: usize = 64 * 1024 * 1024;
+/// The longest a retry copy waits on the retry topic. The copy waits in this consumer's
+/// memory and holds its retry partition's commit position meanwhile, so a longer
+/// `retry_after` is cut to this, and a retry-topic record due later (not written by
+/// Courier) is due after this.
+pub(crate) const MAX_RETRY_DELAY: Duration = Duration::from_secs(15 * 60);
 
 type StreamHandle = StreamConsumer<Rebalancer>;
 
@@ -59,11 +68,26 @@ struct State {
     /// Handed out and unsettled, per partition and in all.
     handed_out: HashMap<(Arc<str>, i32), usize>,
     in_flight: usize,
+    /// Bytes held in `ready`, `parked` and `delayed`.
+    buffered_bytes: usize,
 }
 
 impl State {
     fn buffered(&self) -> usize {
         self.ready.len() + self.delayed.len() + self.parked.values().map(VecDeque::len).sum::<usize>()
+    }
+
+    /// Whether to read more records: the buffer has room in records and in bytes.
+    fn wants_more(&self) -> bool {
+        self.buffered() < READ_AHEAD && self.buffered_bytes < READ_AHEAD_BYTES
+    }
+
+    /// Recounts `buffered_bytes` after records were dropped wholesale.
+    fn recount_bytes(&mut self) {
+        let ready = self.ready.iter().map(|p| p.received.size()).sum::<usize>();
+        let delayed = self.delayed.iter().map(|(_, p)| p.received.size()).sum::<usize>();
+        let parked = self.parked.values().flatten().map(|p| p.received.size()).sum::<usize>();
+        self.buffered_bytes = ready + delayed + parked;
     }
 
     fn next_due(&self) -> Option<Instant> {
@@ -141,6 +165,7 @@ impl State {
             q.retain(|p| !hit(&p.topic, p.partition));
             !q.is_empty()
         });
+        self.recount_bytes();
         // Keys are per partition number, shared by the source and its retry topic; a
         // lock left behind would park the key's messages for good once it comes back.
         self.locks.retain(|(partition, _), _| revoked.is_some_and(|list| list.iter().all(|(_, p)| p != partition)));
@@ -229,6 +254,7 @@ impl ConsumerShared {
                 continue;
             }
             st.in_flight += 1;
+            st.buffered_bytes = st.buffered_bytes.saturating_sub(p.received.size());
             *st.handed_out.entry((p.topic.clone(), p.partition)).or_default() += 1;
             let acker = KafkaAcker {
                 shared: self.clone(),
@@ -249,7 +275,7 @@ impl ConsumerShared {
     }
 
     /// Takes in a record just read.
-    fn accept(&self, topic: &str, partition: i32, offset: i64, received: Received) {
+    fn accept(&self, topic: &str, partition: i32, offset: i64, mut received: Received) {
         let mut st = self.state.lock().unwrap();
         let topic: Arc<str> = match st.partitions.keys().find(|(t, p)| &**t == topic && *p == partition) {
             Some((t, _)) => t.clone(),
@@ -257,12 +283,16 @@ impl ConsumerShared {
         };
         st.partitions.entry((topic.clone(), partition)).or_default().received(offset);
         let from_retry = *topic == *self.retry_topic;
+        if !from_retry {
+            received.as_data();
+        }
         tracing::trace!(id = %received.message.id, %topic, partition, offset, generation = st.generation, "read");
         let due = received
             .not_before
             .and_then(|at| at.duration_since(SystemTime::now()).ok())
             .filter(|wait| !wait.is_zero())
-            .map(|wait| Instant::now() + wait);
+            .map(|wait| Instant::now() + wait.min(MAX_RETRY_DELAY));
+        st.buffered_bytes += received.size();
         let pending = Pending { topic, partition, offset, received, from_retry };
         match due {
             Some(due) => st.delayed.push((due, pending)),
@@ -422,7 +452,7 @@ impl Consumer for KafkaConsumer {
             let (wake_at, read_more) = {
                 let st = self.shared.state.lock().unwrap();
                 let wake = st.next_due().map_or(deadline, |due| due.min(deadline));
-                (wake, st.buffered() < READ_AHEAD)
+                (wake, st.wants_more())
             };
             // No await between the read and the last `accept` below, so a cancelled
             // receive never drops a record it has read.
@@ -509,7 +539,7 @@ impl Acknowledger for KafkaAcker {
     async fn redeliver(&self, delay: Option<Duration>) -> Result<()> {
         self.check_held()?;
         let attempt = (self.attempt + 1).to_string();
-        let delay = delay.unwrap_or_default();
+        let delay = delay.unwrap_or_default().min(MAX_RETRY_DELAY);
         let not_before = (SystemTime::now() + delay)
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_millis().to_string())
@@ -561,5 +591,50 @@ fn commit_positions<C: ConsumerContext, K: rdkafka::consumer::Consumer<C>>(
         if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
             tracing::warn!(error = %e, "{failure}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(payload: usize) -> Pending {
+        let received =
+            Received { message: Message::new(vec![0u8; payload]), attempt: 1, not_before: None, control: Vec::new() };
+        Pending { topic: Arc::from("t"), partition: 0, offset: 0, received, from_retry: false }
+    }
+
+    #[test]
+    fn read_ahead_is_bounded_in_bytes_not_only_in_records() {
+        let mut st = State::default();
+        let mut held = 0;
+        while st.wants_more() {
+            let p = pending(1024 * 1024);
+            st.buffered_bytes += p.received.size();
+            st.ready.push_back(p);
+            held += 1;
+        }
+        // 1 MB records stop the reading after 64 of them, not 10,000 (10 GB).
+        assert_eq!(held, READ_AHEAD_BYTES.div_ceil(1024 * 1024 + 128));
+        st.ready.pop_front();
+        st.recount_bytes();
+        assert!(st.wants_more(), "room again once one is taken");
+    }
+
+    #[test]
+    fn control_headers_on_the_source_topic_are_data() {
+        let mut received = Received {
+            message: Message::new("x"),
+            attempt: 99,
+            not_before: Some(SystemTime::now() + Duration::from_secs(10 * 365 * 24 * 3600)),
+            control: vec![
+                ("courier-attempt".into(), "99".into()),
+                ("courier-not-before".into(), "99999999999999".into()),
+            ],
+        };
+        received.as_data();
+        assert_eq!((received.attempt, received.not_before), (1, None));
+        assert_eq!(received.message.header("courier-attempt"), Some("99"), "kept, as data");
+        assert_eq!(received.message.header("courier-not-before"), Some("99999999999999"));
     }
 }

@@ -44,6 +44,27 @@ pub(crate) struct Received {
     pub message: Message,
     pub attempt: u32,
     pub not_before: Option<SystemTime>,
+    /// The `courier-attempt` and `courier-not-before` headers as they came: control on
+    /// the retry topic, which only Courier writes; data anywhere else.
+    pub control: Vec<(String, String)>,
+}
+
+impl Received {
+    /// For a record of the source topic itself: what any producer wrote there is data,
+    /// so the attempt and not-before headers go back among the headers, and count for
+    /// nothing (a forged attempt would dead-letter early; a far-future not-before would
+    /// hold the record and freeze its partition's commits).
+    pub(crate) fn as_data(&mut self) {
+        self.attempt = 1;
+        self.not_before = None;
+        self.message.headers.extend(self.control.drain(..));
+    }
+
+    /// Bytes the record holds in memory while buffered, roughly.
+    pub(crate) fn size(&self) -> usize {
+        let headers: usize = self.message.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        self.message.payload.len() + headers + self.message.ordering_key.as_ref().map_or(0, String::len) + 128
+    }
 }
 
 /// A received record as a Courier message. Records from other producers have no
@@ -53,14 +74,21 @@ pub(crate) fn received(record: &rdkafka::message::BorrowedMessage<'_>) -> Receiv
     let mut message = Message::new(Bytes::copy_from_slice(record.payload().unwrap_or_default()));
     let mut id = None;
     let mut ce_id = None;
-    let (mut attempt, mut not_before) = (1, None);
+    let (mut attempt, mut not_before, mut control) = (1, None, Vec::new());
     if let Some(headers) = record.headers() {
         for (key, value) in read_headers(headers) {
             match key.as_str() {
                 ID => id = Some(value),
                 CONTENT_TYPE => message.content_type = Some(value),
-                ATTEMPT => attempt = value.parse::<u32>().unwrap_or(1).max(1),
-                NOT_BEFORE => not_before = value.parse::<u64>().ok().map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+                ATTEMPT => {
+                    attempt = value.parse::<u32>().unwrap_or(1).max(1);
+                    control.push((key, value));
+                }
+                NOT_BEFORE => {
+                    not_before =
+                        value.parse::<u64>().ok().and_then(|ms| UNIX_EPOCH.checked_add(Duration::from_millis(ms)));
+                    control.push((key, value));
+                }
                 _ => {
                     if key == CE_ID {
                         ce_id = Some(value.clone());
@@ -78,7 +106,7 @@ pub(crate) fn received(record: &rdkafka::message::BorrowedMessage<'_>) -> Receiv
     if let Some(ms) = record.timestamp().to_millis().filter(|ms| *ms >= 0) {
         message.timestamp = UNIX_EPOCH + Duration::from_millis(ms as u64);
     }
-    Received { message, attempt, not_before }
+    Received { message, attempt, not_before, control }
 }
 
 /// A record's headers as text: values as UTF-8, invalid sequences replaced.
