@@ -84,11 +84,18 @@ impl AmqpConsumer {
     async fn subscribe(&self) -> Result<Subscription> {
         let (channel, connection) = self.session.channel_and_connection().await?;
         let doing = format!("consume from {}", self.queue);
-        channel.basic_qos(self.prefetch, BasicQosOptions::default()).await.map_err(|e| lapin_error(&doing, e))?;
-        let stream = channel
-            .basic_consume(self.queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
-            .await
+        // Under the call timeout: a broker that accepted the channel and then went silent
+        // would otherwise hold the consumer's start (or its resubscribe) for ever.
+        within(&doing, channel.basic_qos(self.prefetch, BasicQosOptions::default()))
+            .await?
             .map_err(|e| lapin_error(&doing, e))?;
+        let consume = channel.basic_consume(
+            self.queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        );
+        let stream = within(&doing, consume).await?.map_err(|e| lapin_error(&doing, e))?;
         Ok(Subscription { channel, connection, stream })
     }
 

@@ -294,9 +294,12 @@ impl Inner {
                 }
             }
             let mut failure = None;
+            // One deadline for the whole batch: the confirms arrive together, and lost ones
+            // must not cost the timeout once each.
+            let confirms_due = tokio::time::Instant::now() + session::CALL_TIMEOUT;
             for (i, confirm) in confirms {
                 // A confirm lost with its connection may never resolve: count it as unconfirmed.
-                let Ok(confirmed) = tokio::time::timeout(session::CALL_TIMEOUT, confirm).await else {
+                let Ok(confirmed) = tokio::time::timeout_at(confirms_due, confirm).await else {
                     again.push(i);
                     continue;
                 };
