@@ -139,7 +139,7 @@ pub(crate) struct BrokerInner {
     config: LocalConfig,
     queues: RwLock<HashMap<Name, Arc<Queue>>>,
     topics: RwLock<HashMap<Name, Subscriptions>>,
-    dedup: Mutex<HashMap<Destination, DedupWindow>>,
+    dedup: Mutex<DedupWindows>,
     open: OpenGuard,
     next_consumer: AtomicU64,
     me: std::sync::Weak<BrokerInner>,
@@ -256,8 +256,9 @@ impl BrokerInner {
             return None;
         }
         let mut windows = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
-        let window = windows.entry(destination.clone()).or_default();
         let now = Instant::now();
+        windows.sweep(now, self.config.dedup_window);
+        let window = windows.by_destination.entry(destination.clone()).or_default();
         window.expire(now, self.config.dedup_window);
         let mut ids = Vec::with_capacity(messages.len());
         let mut recorded = Vec::new();
@@ -379,7 +380,7 @@ impl Drop for DedupRecord<'_> {
             return;
         }
         let mut windows = self.broker.dedup.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(window) = windows.get_mut(&self.destination) else { return };
+        let Some(window) = windows.by_destination.get_mut(&self.destination) else { return };
         for (dedup_id, id) in &self.recorded {
             if window.seen.get(dedup_id) == Some(id) {
                 window.seen.remove(dedup_id);
@@ -392,6 +393,33 @@ impl Drop for DedupRecord<'_> {
     }
 }
 
+/// The dedup ids remembered per destination. Bounded: ids leave when their window
+/// ends, for every destination (not only those sent to again), and a destination keeps
+/// at most [`MAX_DEDUP_IDS`] (the oldest go first: past that rate, the window is shorter).
+#[derive(Default)]
+struct DedupWindows {
+    by_destination: HashMap<Destination, DedupWindow>,
+    last_sweep: Option<Instant>,
+}
+
+/// Dedup ids one destination remembers at most (about 100 MB of ids of 64 bytes).
+const MAX_DEDUP_IDS: usize = 1_000_000;
+
+impl DedupWindows {
+    /// Expires every destination's old ids, at most once a second, and forgets
+    /// destinations left with none.
+    fn sweep(&mut self, now: Instant, window: Duration) {
+        if self.last_sweep.is_some_and(|at| now.duration_since(at) < Duration::from_secs(1)) {
+            return;
+        }
+        self.last_sweep = Some(now);
+        self.by_destination.retain(|_, w| {
+            w.expire(now, window);
+            !w.order.is_empty()
+        });
+    }
+}
+
 #[derive(Default)]
 struct DedupWindow {
     seen: HashMap<String, MessageId>,
@@ -401,7 +429,7 @@ struct DedupWindow {
 impl DedupWindow {
     fn expire(&mut self, now: Instant, window: Duration) {
         while let Some((at, _)) = self.order.front() {
-            if now.duration_since(*at) < window {
+            if now.duration_since(*at) < window && self.order.len() <= MAX_DEDUP_IDS {
                 break;
             }
             let (_, id) = self.order.pop_front().expect("peeked");
@@ -533,5 +561,29 @@ impl Acknowledger for LocalAcker {
 
     async fn extend_lease(&self, by: Duration) -> Result<()> {
         self.consumer.queue.extend(self.tag, &self.id, by)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Dedup ids leave with their window for every destination, not only for those sent
+    /// to again: a stream of one-off destinations does not grow the map for ever.
+    #[tokio::test]
+    async fn dedup_ids_of_destinations_never_sent_to_again_are_freed() {
+        let config = LocalConfig { dedup_window: Duration::from_millis(10), ..LocalConfig::default() };
+        let broker = LocalBroker::with_config(config);
+        for i in 0..100 {
+            let to = Destination::queue(&format!("once-{i}")).unwrap();
+            broker.declare(&Source::Queue(to.name().clone())).await.unwrap();
+            broker.send(&to, Message::new("x").with_dedup_id(format!("d{i}"))).await.unwrap();
+        }
+        assert_eq!(broker.inner.dedup.lock().unwrap().by_destination.len(), 100);
+        tokio::time::sleep(Duration::from_millis(1100)).await; // past the window and the sweep interval
+        let last = Destination::queue("last").unwrap();
+        broker.declare(&Source::queue("last").unwrap()).await.unwrap();
+        broker.send(&last, Message::new("x").with_dedup_id("d")).await.unwrap();
+        assert_eq!(broker.inner.dedup.lock().unwrap().by_destination.len(), 1, "only the live window is left");
     }
 }
