@@ -148,7 +148,8 @@ enum DlqAction {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
-    /// Send dead letters back to the destination they came from.
+    /// Send dead letters back to the source they came from, and to it alone (a
+    /// subscription's go to that subscription, not to every subscription of its topic).
     Redrive {
         /// The source whose dead letters to redrive.
         #[arg(long)]
@@ -156,6 +157,10 @@ enum DlqAction {
         /// Redrive at most this many.
         #[arg(long)]
         limit: Option<usize>,
+        /// For a subscription on a backend that cannot send to one subscription alone
+        /// (Kafka): send to its topic, so that every subscription gets a copy.
+        #[arg(long)]
+        to_topic: bool,
     },
 }
 
@@ -219,7 +224,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::Stats { sources } => stats(broker, sources).await,
         Command::Faas(args) => faas(broker, args).await,
         Command::Dlq { action: DlqAction::List { from, limit } } => dlq_list(broker, &from, limit).await,
-        Command::Dlq { action: DlqAction::Redrive { from, limit } } => dlq_redrive(broker, &from, limit).await,
+        Command::Dlq { action: DlqAction::Redrive { from, limit, to_topic } } => {
+            dlq_redrive(broker, &from, limit, to_topic).await
+        }
     }
 }
 
@@ -456,9 +463,24 @@ async fn dlq_list(broker: DynBroker, from: &str, limit: usize) -> Result<(), Err
     Ok(())
 }
 
-async fn dlq_redrive(broker: DynBroker, from: &str, limit: Option<usize>) -> Result<(), Error> {
+async fn dlq_redrive(broker: DynBroker, from: &str, limit: Option<usize>, to_topic: bool) -> Result<(), Error> {
     let dlq = dead_letter_source(from)?;
-    let fallback = Source::parse(from)?.destination();
+    // Dead letters go back to the source the operator named, whose dead-letter queue this
+    // is: never to where a header says, which anyone able to write here could set.
+    let origin = Source::parse(from)?;
+    if matches!(origin, Source::Subscription { .. }) && !to_topic {
+        if let Err(Error::Unsupported { backend, .. }) =
+            broker.capabilities().require(courier::Feature::SubscriptionSend)
+        {
+            return Err(Error::config(
+                "dlq redrive",
+                format!(
+                    "{backend} cannot send to one subscription alone, so redriving {origin} would give every subscription of topic {} a copy; pass --to-topic to do that",
+                    origin.destination().name()
+                ),
+            ));
+        }
+    }
     let consumer = broker.consumer(&dlq, Default::default()).await?;
     let mut moved = 0usize;
     while limit.is_none_or(|l| moved < l) {
@@ -468,17 +490,19 @@ async fn dlq_redrive(broker: DynBroker, from: &str, limit: Option<usize>) -> Res
             break;
         }
         for d in batch {
-            let origin = d
-                .header(headers::DEAD_LETTER_ORIGIN)
-                .and_then(|o| Source::parse(o).ok())
-                .map(|s| s.destination())
-                .unwrap_or_else(|| fallback.clone());
+            if let Some(named) = d.header(headers::DEAD_LETTER_ORIGIN).filter(|o| *o != origin.to_string()) {
+                eprintln!("note: {} names {named} as its origin; it goes back to {origin}", d.id);
+            }
             let mut message = d.message().clone();
             for h in [headers::DEAD_LETTER_REASON, headers::DEAD_LETTER_ATTEMPTS, headers::DEAD_LETTER_ORIGIN] {
                 message.headers.remove(h);
             }
             // Send first, then ack: a crash in between duplicates rather than loses.
-            broker.send(&origin, message).await?;
+            if to_topic {
+                broker.send(&origin.destination(), message).await?;
+            } else {
+                broker.send_to_source(&origin, message).await?;
+            }
             d.ack().await?;
             moved += 1;
         }

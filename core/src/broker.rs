@@ -75,6 +75,29 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         }
     }
 
+    /// Sends a message to one source alone: a queue, or one subscription of a topic,
+    /// where a send to the topic would give every subscription a copy. This is how a
+    /// subscription's dead letters go back to it and nowhere else. Backends that cannot
+    /// address one subscription (Kafka, whose subscriptions are consumer groups reading
+    /// one log) return `Unsupported` for subscriptions.
+    ///
+    /// ```
+    /// # use courier_core::{Broker, Message, Source};
+    /// # async fn example(broker: &dyn Broker) -> Result<(), courier_core::Error> {
+    /// let billing = Source::subscription("orders", "billing")?;
+    /// broker.send_to_source(&billing, Message::new("only billing sees this")).await?;
+    /// # Ok(()) }
+    /// ```
+    async fn send_to_source(&self, source: &Source, message: Message) -> Result<MessageId> {
+        match source {
+            Source::Queue(queue) => self.send(&Destination::Queue(queue.clone()), message).await,
+            Source::Subscription { .. } => {
+                self.capabilities().require(Feature::FanOut)?;
+                Err(self.capabilities().unsupported(Feature::SubscriptionSend))
+            }
+        }
+    }
+
     /// Counts for a source. Backends without counts return `Unsupported`.
     async fn stats(&self, source: &Source) -> Result<Stats> {
         let _ = source;

@@ -42,6 +42,8 @@ pub struct Capabilities {
     pub stats: bool,
     /// Purging a destination.
     pub purge: bool,
+    /// Sending to one subscription of a topic alone ([`Broker::send_to_source`](crate::Broker::send_to_source)).
+    pub subscription_send: bool,
     /// The largest payload in bytes.
     pub max_payload: usize,
     /// The most messages in one batch send or receive.
@@ -63,6 +65,7 @@ impl Capabilities {
             native_dead_letter: true,
             stats: true,
             purge: true,
+            subscription_send: true,
             max_payload: 64 * 1024 * 1024,
             max_batch: 10_000,
         }
@@ -80,6 +83,7 @@ impl Capabilities {
             Feature::LeaseExtension => self.lease_extension,
             Feature::Stats => self.stats,
             Feature::Purge => self.purge,
+            Feature::SubscriptionSend => self.subscription_send,
         }
     }
 

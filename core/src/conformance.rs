@@ -742,6 +742,38 @@ pub async fn closed_handles_refuse_work(h: &dyn Harness) {
     assert!(matches!(s.broker.consumer(&s.source, Default::default()).await.map(|_| ()), Err(Error::Closed { .. })));
 }
 
+/// A send to one subscription reaches it alone, not its topic's other subscriptions:
+/// redriving a subscription's dead letter must not copy it to every subscription.
+pub async fn a_send_to_one_subscription_reaches_it_alone(h: &dyn Harness) {
+    let case = "a_send_to_one_subscription_reaches_it_alone";
+    let s = setup(h, "subsend").await;
+    let topic = unique_name("topic");
+    let (billing, shipping) =
+        (Source::subscription(&topic, "billing").unwrap(), Source::subscription(&topic, "shipping").unwrap());
+    if !s.caps().fan_out || !s.caps().subscription_send {
+        note_unsupported(case, s.caps(), Feature::SubscriptionSend);
+        expect_unsupported(
+            "send to one subscription",
+            s.broker.send_to_source(&billing, Message::new("x")).await,
+            if s.caps().fan_out { Feature::SubscriptionSend } else { Feature::FanOut },
+        );
+        return;
+    }
+    for sub in [&billing, &shipping] {
+        s.broker.declare(sub).await.expect("declare subscription");
+    }
+    let id = s.broker.send_to_source(&billing, Message::new("billing only")).await.expect("send to one subscription");
+    let to_billing = s.broker.consumer(&billing, Default::default()).await.expect("consumer");
+    let got = expect_one(&*to_billing, s.timing.arrive_within, "the message").await;
+    assert_eq!(got.id, id);
+    got.ack().await.unwrap();
+    let to_shipping = s.broker.consumer(&shipping, Default::default()).await.expect("consumer");
+    assert!(
+        to_shipping.receive(10, s.timing.quiet).await.unwrap().is_empty(),
+        "another subscription of the topic got a copy"
+    );
+}
+
 /// Statistics count waiting, in-flight, delayed and dead-lettered messages.
 pub async fn stats_count_what_is_held(h: &dyn Harness) {
     let case = "stats_count_what_is_held";
@@ -786,6 +818,7 @@ macro_rules! conformance_tests {
             max_attempts_then_dead_letter_once,
             competing_consumers_split_the_work,
             every_subscription_gets_every_message,
+            a_send_to_one_subscription_reaches_it_alone,
             per_key_order_and_failing_key_isolation,
             dedup_drops_repeats,
             delayed_send_waits,

@@ -28,6 +28,8 @@ pub enum Feature {
     Stats,
     /// Removing every waiting message of a destination.
     Purge,
+    /// Sending to one subscription of a topic alone (redriving its dead letters).
+    SubscriptionSend,
 }
 
 impl fmt::Display for Feature {
@@ -42,6 +44,7 @@ impl fmt::Display for Feature {
             Feature::LeaseExtension => "lease extension",
             Feature::Stats => "destination statistics",
             Feature::Purge => "purge",
+            Feature::SubscriptionSend => "sending to one subscription alone",
         })
     }
 }

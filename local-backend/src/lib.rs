@@ -472,6 +472,19 @@ impl Broker for LocalBroker {
         Ok(())
     }
 
+    async fn send_to_source(&self, source: &Source, message: Message) -> Result<MessageId> {
+        if let Source::Queue(name) = source {
+            return self.send(&Destination::Queue(name.clone()), message).await;
+        }
+        self.inner.open.check()?;
+        self.inner.caps.check_message(&message)?;
+        let queue = self.inner.existing_queue(source)?;
+        queue.reserve(1).await?;
+        let (id, delay) = (message.id.clone(), message.delay);
+        queue.push(std::iter::once((Entry::from_message(message), delay)));
+        Ok(id)
+    }
+
     async fn stats(&self, source: &Source) -> Result<Stats> {
         self.inner.open.check()?;
         Ok(self.inner.existing_queue(source)?.stats())

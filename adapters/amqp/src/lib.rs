@@ -172,6 +172,7 @@ impl AmqpBroker {
             native_dead_letter: false,
             stats: false,
             purge: true,
+            subscription_send: true, // to the subscription's queue by the default exchange
             max_payload: MAX_PAYLOAD,
             max_batch: 1000,
         };
@@ -601,6 +602,12 @@ impl Broker for AmqpBroker {
     async fn declare(&self, source: &Source) -> Result<()> {
         self.inner.session.open.check()?;
         self.inner.declare_source(source).await
+    }
+
+    async fn send_to_source(&self, source: &Source, message: Message) -> Result<MessageId> {
+        // A subscription is the queue `topic.subscription`: the default exchange reaches it alone.
+        let queue = courier_core::Name::new("queue", &queue_name(source))?;
+        self.send(&Destination::Queue(queue), message).await
     }
 
     async fn declare_destination(&self, destination: &Destination) -> Result<()> {

@@ -377,9 +377,13 @@ impl KafkaConsumer {
         let partitions = broker.ensure_topic(&topic, None).await?;
         // As many retry partitions as the source has: a copy keeps its partition number.
         let retry_partitions = broker.ensure_topic(&retry_topic, Some(partitions)).await?;
+        // The dead-letter topic exists before the first message fails, or the consumer
+        // fails here, naming it: never in the middle of a run.
+        let policy = options.settle_policy(&source);
+        broker.ensure_topic(policy.dead_letter().name().as_str(), None).await?;
         let shared = Arc::new(ConsumerShared {
             broker: broker.clone(),
-            policy: options.settle_policy(&source),
+            policy,
             retry_topic: retry_topic.clone(),
             retry_partitions,
             prefetch: options.prefetch.max(1),

@@ -236,6 +236,7 @@ impl KafkaBroker {
             native_dead_letter: false,
             stats: false,
             purge: false,
+            subscription_send: false, // a subscription is a consumer group on the topic's one log
             max_payload: MAX_PAYLOAD,
             max_batch: 10_000,
         };

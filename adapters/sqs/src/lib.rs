@@ -158,6 +158,7 @@ impl SqsBroker {
             native_dead_letter: false,
             stats: true,
             purge: true,
+            subscription_send: false, // no topics
             max_payload: MAX_PAYLOAD,
             // Sends are split into SendMessageBatch calls of 10; receives return up to 10.
             max_batch: 1000,
