@@ -139,3 +139,109 @@ async fn a_rejection_with_a_dead_letter_destination_is_settled() {
         broker.consumer(&dlq, Default::default()).await.unwrap().receive_one(Duration::from_secs(1)).await.unwrap();
     assert_eq!(dead.unwrap().header(courier::headers::DEAD_LETTER_REASON), Some("never valid"));
 }
+
+// Who may push, how much, for how long; what the caller learns.
+
+fn with_bearer(token: &str, body: &'static str) -> Request<Body> {
+    let mut request = binary(body);
+    request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+#[tokio::test]
+async fn a_shared_secret_keeps_out_callers_without_it() {
+    use courier::trigger::http::{router_with, PushOptions};
+    let seen = Seen::default();
+    let app = router_with(trigger(seen.clone()), source(), PushOptions::default().shared_secret("s3cret"));
+    assert_eq!(post(app.clone(), binary("fine")).await.0, StatusCode::UNAUTHORIZED, "no header");
+    assert_eq!(post(app.clone(), with_bearer("s3creT", "fine")).await.0, StatusCode::UNAUTHORIZED, "wrong");
+    assert_eq!(post(app.clone(), with_bearer("s3cret", "fine")).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(seen.lock().unwrap().len(), 1, "refused pushes never reach the handler");
+}
+
+/// Tokens as Pub/Sub push signs them, with a test-only RSA key (`fixtures/oidc-*`).
+mod oidc {
+    use super::*;
+    use courier::trigger::http::{router_with, OidcVerifier, PushOptions};
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+
+    const AUDIENCE: &str = "https://orders.example.com/push";
+
+    fn fixture(name: &str) -> Vec<u8> {
+        std::fs::read(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    }
+
+    fn token(key: &str, audience: &str, issuer: &str, expires_in: i64) -> String {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        let claims = serde_json::json!({
+            "aud": audience, "iss": issuer, "exp": now + expires_in, "iat": now,
+            "email": "pubsub@example.iam.gserviceaccount.com",
+        });
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some("test-key".into());
+        encode(&header, &claims, &EncodingKey::from_rsa_pem(&fixture(key)).unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn only_valid_tokens_for_the_audience_get_in() {
+        let jwks = String::from_utf8(fixture("oidc-test-jwks.json")).unwrap();
+        let verifier = OidcVerifier::from_jwks(&jwks, AUDIENCE).unwrap();
+        let seen = Seen::default();
+        let app = router_with(trigger(seen.clone()), source(), PushOptions::default().oidc(verifier));
+        let google = "https://accounts.google.com";
+        let good = token("oidc-test-key.pem", AUDIENCE, google, 600);
+        assert_eq!(post(app.clone(), with_bearer(&good, "fine")).await.0, StatusCode::NO_CONTENT);
+        for (why, bad) in [
+            ("missing", None),
+            ("expired", Some(token("oidc-test-key.pem", AUDIENCE, google, -3600))),
+            ("wrong audience", Some(token("oidc-test-key.pem", "https://elsewhere.example.com", google, 600))),
+            ("wrong issuer", Some(token("oidc-test-key.pem", AUDIENCE, "https://evil.example.com", 600))),
+            ("signed by another key", Some(token("oidc-other-key.pem", AUDIENCE, google, 600))),
+            ("not a JWT", Some("garbage".to_owned())),
+        ] {
+            let request = match &bad {
+                Some(t) => with_bearer(t, "fine"),
+                None => binary("fine"),
+            };
+            let (status, _, body) = post(app.clone(), request).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{why}");
+            assert_eq!(body, "unauthorized\n", "{why}: the caller learns nothing more");
+        }
+        assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_gets_413() {
+    use courier::trigger::http::{router_with, PushOptions};
+    let app = router_with(trigger(Seen::default()), source(), PushOptions::default().max_body_bytes(1024));
+    let big: &'static str = Box::leak("x".repeat(2048).into_boxed_str());
+    assert_eq!(post(app.clone(), binary(big)).await.0, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(post(app, binary("fine")).await.0, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn answers_carry_no_handler_or_broker_error_text() {
+    let secret_failure = Trigger::new(|| async { Outcome::retry("password=hunter2 rejected by db.internal:5432") });
+    let (status, _, body) = post(router(secret_failure, source()), binary("x")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "retry evt-1\n"));
+    let rejecting = Trigger::new(|| async { Outcome::reject("customer 42's card is stolen") });
+    let (status, _, body) = post(router(rejecting, source()), binary("x")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "rejected evt-1\n"));
+}
+
+#[tokio::test]
+async fn a_handler_past_its_timeout_is_answered_503_and_pushes_wait_for_room() {
+    use courier::trigger::http::{router_with, PushOptions};
+    let slow = Trigger::new(|| async {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        Outcome::Ack
+    });
+    let options = PushOptions::default().handler_timeout(Duration::from_millis(200)).max_concurrent(1);
+    let app = router_with(slow, source(), options);
+    // One push holds the only slot until its timeout; the second cannot get in meanwhile.
+    let (first, second) = tokio::join!(post(app.clone(), binary("a")), post(app.clone(), binary("b")));
+    assert_eq!(first.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(second.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(second.2.contains("busy") || second.2.contains("retry"), "{}", second.2);
+}
