@@ -155,6 +155,9 @@ pub struct RunReport {
     pub dead_lettered: u64,
     /// Deliveries left unsettled by shutdown (handed back to the broker).
     pub interrupted: u64,
+    /// Fetch loops that ended before shutdown (a panic, a closed consumer): zero in a
+    /// healthy run, whatever the messages were.
+    pub loops_ended_early: u64,
 }
 
 #[derive(Default)]
@@ -163,6 +166,7 @@ struct Counters {
     retried: AtomicU64,
     dead_lettered: AtomicU64,
     interrupted: AtomicU64,
+    loops_ended_early: AtomicU64,
 }
 
 impl Counters {
@@ -172,6 +176,7 @@ impl Counters {
             retried: self.retried.load(Ordering::Relaxed),
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
             interrupted: self.interrupted.load(Ordering::Relaxed),
+            loops_ended_early: self.loops_ended_early.load(Ordering::Relaxed),
         }
     }
 }
@@ -319,7 +324,7 @@ impl App {
         // worker with none left stops with an error rather than as if it had finished.
         let failed = tokio::select! {
             _ = signal => None,
-            failed = watch_loops(&mut tasks) => failed,
+            failed = watch_loops(&mut tasks, &counters) => failed,
         };
         tracing::info!(grace = ?self.shutdown_grace, "shutting down: no new fetches, finishing in-flight work");
         stopping.store(true, Ordering::Release);
@@ -362,12 +367,13 @@ impl LoopEnd {
 /// While the worker runs: every fetch loop that ends is an error (loops end only at
 /// shutdown). Returns once none is left, with an error naming the routes whose loops
 /// ended; `None` at once when there were none (an app without routes has nothing to do).
-async fn watch_loops(tasks: &mut JoinSet<LoopEnd>) -> Option<Error> {
+async fn watch_loops(tasks: &mut JoinSet<LoopEnd>, counters: &Counters) -> Option<Error> {
     if tasks.is_empty() {
         return None;
     }
     let mut ended: Vec<String> = Vec::new();
     while let Some(result) = tasks.join_next().await {
+        counters.loops_ended_early.fetch_add(1, Ordering::Relaxed);
         let (source, why) = match result {
             Ok(end) => (end.source.to_string(), end.why()),
             Err(e) => ("unknown".to_owned(), e.to_string()),

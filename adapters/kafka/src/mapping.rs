@@ -98,7 +98,8 @@ pub(crate) fn received(record: &rdkafka::message::BorrowedMessage<'_>) -> Receiv
             }
         }
     }
-    message.id = match id.or(ce_id) {
+    // An empty id names nothing (and would be shared by every record that sends one).
+    message.id = match id.or(ce_id).filter(|id| !id.is_empty()) {
         Some(id) => MessageId::from(id),
         None => MessageId::from(format!("{}-{}-{}", record.topic(), record.partition(), record.offset())),
     };
