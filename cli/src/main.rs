@@ -376,6 +376,9 @@ async fn consume(broker: DynBroker, args: ConsumeArgs) -> Result<(), Error> {
     let source = Source::parse(&args.from)?;
     let consumer = broker.consumer(&source, Default::default()).await?;
     let mut seen = 0usize;
+    // Peeked deliveries are held to the end: one dropped unsettled goes back at once, and
+    // would come round again.
+    let mut peeked = Vec::new();
     let stdout = std::io::stdout();
     let wait = Duration::from_secs(args.wait);
     loop {
@@ -389,7 +392,9 @@ async fn consume(broker: DynBroker, args: ConsumeArgs) -> Result<(), Error> {
         }
         for d in batch {
             print_message(&mut stdout.lock(), d.message(), d.attempt());
-            if !args.peek {
+            if args.peek {
+                peeked.push(d);
+            } else {
                 d.ack().await?;
             }
             seen += 1;
@@ -399,6 +404,7 @@ async fn consume(broker: DynBroker, args: ConsumeArgs) -> Result<(), Error> {
         }
     }
     consumer.close().await?;
+    drop(peeked);
     eprintln!("{seen} message(s) from {source}");
     Ok(())
 }

@@ -742,6 +742,58 @@ pub async fn closed_handles_refuse_work(h: &dyn Harness) {
     assert!(matches!(s.broker.consumer(&s.source, Default::default()).await.map(|_| ()), Err(Error::Closed { .. })));
 }
 
+/// A poison message costs only itself: rejected, it goes to the dead-letter destination
+/// with a reason, and the messages around it are delivered and settled as usual.
+pub async fn a_poison_message_costs_only_itself(h: &dyn Harness) {
+    let s = setup(h, "poison").await;
+    let consumer = s.consumer(ConsumerOptions::default()).await;
+    let dlq = s.dead_letters().await;
+    for i in 0..5 {
+        s.send(Message::new(format!("good {i}"))).await;
+    }
+    s.send(Message::new(vec![0xffu8, 0x00, 0xfe]).with_id("poison")).await;
+    for i in 5..10 {
+        s.send(Message::new(format!("good {i}"))).await;
+    }
+    let got = receive_n(&*consumer, 11, s.timing.arrive_within).await;
+    assert_eq!(got.len(), 11, "every message delivered, the poison one among them");
+    for d in got {
+        if d.id.as_str() == "poison" {
+            d.reject("cannot decode: not UTF-8").await.expect("reject");
+        } else {
+            d.ack().await.expect("ack");
+        }
+    }
+    let dead = expect_one(&*dlq, s.timing.arrive_within, "the dead letter").await;
+    assert_eq!(dead.id.as_str(), "poison");
+    assert_eq!(dead.header(headers::DEAD_LETTER_REASON), Some("cannot decode: not UTF-8"));
+    dead.ack().await.unwrap();
+    expect_nothing(&*consumer, s.timing.quiet, "a settled message came back").await;
+}
+
+/// A delivery whose settlement failed for good is dropped unsettled: it comes back (the
+/// backend hands it back, or its lease runs out), and holds up nothing meanwhile.
+pub async fn a_delivery_dropped_unsettled_comes_back(h: &dyn Harness) {
+    let s = setup(h, "dropped").await;
+    let consumer = s.consumer(ConsumerOptions::default().lease(s.timing.lease)).await;
+    s.send(Message::new("first").with_id("first")).await;
+    s.send(Message::new("second").with_id("second")).await;
+    let got = receive_n(&*consumer, 2, s.timing.arrive_within).await;
+    assert_eq!(got.len(), 2);
+    for d in got {
+        if d.id.as_str() == "first" {
+            drop(d); // as after a settlement that failed for good
+        } else {
+            d.ack().await.expect("the other one settles as usual");
+        }
+    }
+    let again = expect_one(&*consumer, s.timing.arrive_within + s.timing.lease, "the dropped delivery").await;
+    assert_eq!(again.id.as_str(), "first");
+    assert!(again.attempt() >= 2, "a new attempt: {}", again.attempt());
+    again.ack().await.expect("ack");
+    expect_nothing(&*consumer, s.timing.quiet, "a settled message came back").await;
+}
+
 /// A send to one subscription reaches it alone, not its topic's other subscriptions:
 /// redriving a subscription's dead letter must not copy it to every subscription.
 pub async fn a_send_to_one_subscription_reaches_it_alone(h: &dyn Harness) {
@@ -819,6 +871,8 @@ macro_rules! conformance_tests {
             competing_consumers_split_the_work,
             every_subscription_gets_every_message,
             a_send_to_one_subscription_reaches_it_alone,
+            a_poison_message_costs_only_itself,
+            a_delivery_dropped_unsettled_comes_back,
             per_key_order_and_failing_key_isolation,
             dedup_drops_repeats,
             delayed_send_waits,

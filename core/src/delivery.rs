@@ -40,6 +40,12 @@ pub trait Acknowledger: Send + Sync {
     async fn dead_letter(&self, letter: &DeadLetter) -> Result<()>;
     /// Keep the lease for another `by` from now.
     async fn extend_lease(&self, by: Duration) -> Result<()>;
+    /// The delivery's receipt was dropped unsettled (its settlement failed for good, or
+    /// it was abandoned): hand the message back so the broker delivers it again, and free
+    /// what it holds (an ordering key, a slot in the prefetch). Called from `Drop`, so it
+    /// must not block; a backend spawns the I/O it needs. The default does nothing, for
+    /// backends whose lease expiry hands the message back by itself.
+    fn release(&self) {}
 }
 
 /// What every delivery of one consumer shares: where it was received from, the retry
@@ -464,6 +470,16 @@ impl Receipt {
 struct HandBackOnDrop<'a> {
     state: &'a AtomicU8,
     armed: bool,
+}
+
+/// A receipt dropped unsettled hands its message back: it is never abandoned, and what it
+/// holds (a key, a prefetch slot, a partition's commit position) is freed for the others.
+impl Drop for Receipt {
+    fn drop(&mut self) {
+        if self.state.load(Ordering::Acquire) == UNSETTLED {
+            self.acker.release();
+        }
+    }
 }
 
 impl Drop for HandBackOnDrop<'_> {

@@ -158,6 +158,9 @@ pub struct RunReport {
     /// Fetch loops that ended before shutdown (a panic, a closed consumer): zero in a
     /// healthy run, whatever the messages were.
     pub loops_ended_early: u64,
+    /// Settlements that failed for good (after their retries): each message was handed
+    /// back to the broker, to come again.
+    pub settlements_failed: u64,
 }
 
 #[derive(Default)]
@@ -167,6 +170,7 @@ struct Counters {
     dead_lettered: AtomicU64,
     interrupted: AtomicU64,
     loops_ended_early: AtomicU64,
+    settlements_failed: AtomicU64,
 }
 
 impl Counters {
@@ -177,6 +181,7 @@ impl Counters {
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
             interrupted: self.interrupted.load(Ordering::Relaxed),
             loops_ended_early: self.loops_ended_early.load(Ordering::Relaxed),
+            settlements_failed: self.settlements_failed.load(Ordering::Relaxed),
         }
     }
 }
@@ -679,13 +684,18 @@ fn count_ack(route: &RouteRuntime, span: &Span) {
 /// After a failed ack: tries again while the failure is retryable, then reports it.
 async fn ack_failed(route: &RouteRuntime, receipt: &Receipt, error: Error, span: Span) {
     let outcome = Outcome::Ack;
-    if error.is_retryable() {
+    let result = if error.is_retryable() {
         // A span is never entered across an await: `instrument` it instead.
-        let result = Box::pin(with_settle_retries(&route.hard_stop, || receipt.ack()).instrument(span)).await;
-        report_settle_failure(result, &outcome);
+        Box::pin(with_settle_retries(&route.hard_stop, || receipt.ack()).instrument(span.clone())).await
     } else {
-        span.in_scope(|| report_settle_failure(Err(error), &outcome));
+        Err(error)
+    };
+    if result.is_err() {
+        // Counted as acked before the ack went out (the fast path); it did not.
+        route.counters.acked.fetch_sub(1, Ordering::Relaxed);
+        route.counters.settlements_failed.fetch_add(1, Ordering::Relaxed);
     }
+    span.in_scope(|| report_settle_failure(result, &outcome));
 }
 
 /// Drives a handler future, extending the leases of its deliveries while it runs long;
@@ -769,18 +779,30 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
 /// versus dead letter and builds the dead letter; the worker only counts and, on a
 /// backend that cannot delay a redelivery, holds the message for its backoff.
 async fn settle(route: &RouteRuntime, delivery: Receipt, outcome: Outcome) {
+    // Counted once the settlement went through: one that failed for good is counted as
+    // such, and its receipt, dropped unsettled, hands the message back.
+    let counted = |counter: &AtomicU64, metric: &metrics::Counter, result: &Result<()>| {
+        if result.is_ok() {
+            counter.fetch_add(1, Ordering::Relaxed);
+            metric.increment(1);
+        } else {
+            route.counters.settlements_failed.fetch_add(1, Ordering::Relaxed);
+        }
+    };
     let result = match &outcome {
         Outcome::Ack => {
-            route.counters.acked.fetch_add(1, Ordering::Relaxed);
-            route.metrics.succeeded.increment(1);
-            with_settle_retries(&route.hard_stop, || delivery.ack()).await
+            let result = with_settle_retries(&route.hard_stop, || delivery.ack()).await;
+            counted(&route.counters.acked, &route.metrics.succeeded, &result);
+            result
         }
         Outcome::Retry { after, reason } => match delivery.after_failure(*after) {
             AfterFailure::DeadLetter => {
-                route.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                route.metrics.dead_lettered.increment(1);
                 tracing::warn!(reason, attempt = delivery.attempt(), "giving up: dead-lettering");
-                with_settle_retries(&route.hard_stop, || async { delivery.fail(reason, *after).await.map(drop) }).await
+                let result =
+                    with_settle_retries(&route.hard_stop, || async { delivery.fail(reason, *after).await.map(drop) })
+                        .await;
+                counted(&route.counters.dead_lettered, &route.metrics.dead_lettered, &result);
+                result
             }
             AfterFailure::Redeliver { delay } => {
                 route.counters.retried.fetch_add(1, Ordering::Relaxed);
@@ -803,10 +825,10 @@ async fn settle(route: &RouteRuntime, delivery: Receipt, outcome: Outcome) {
             }
         },
         Outcome::Reject { reason } => {
-            route.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            route.metrics.dead_lettered.increment(1);
             tracing::warn!(reason, "rejected: dead-lettering");
-            with_settle_retries(&route.hard_stop, || delivery.reject(reason)).await
+            let result = with_settle_retries(&route.hard_stop, || delivery.reject(reason)).await;
+            counted(&route.counters.dead_lettered, &route.metrics.dead_lettered, &result);
+            result
         }
     };
     report_settle_failure(result, &outcome);

@@ -575,6 +575,12 @@ impl Acknowledger for LocalAcker {
     async fn extend_lease(&self, by: Duration) -> Result<()> {
         self.consumer.queue.extend(self.tag, &self.id, by)
     }
+
+    fn release(&self) {
+        // Back to the queue now rather than after its lease; a delivery already settled
+        // or expired is not in flight, and there is nothing to do.
+        let _ = self.consumer.queue.redeliver(self.tag, &self.id, None);
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use courier_core::{
     SettlePolicy, Source,
 };
 use futures::{FutureExt, StreamExt};
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::Acker;
 use lapin::{BasicProperties, Channel};
@@ -305,5 +305,18 @@ impl Acknowledger for AmqpAcker {
 
     async fn extend_lease(&self, _by: Duration) -> Result<()> {
         Err(self.settle.broker.capabilities().unsupported(Feature::LeaseExtension))
+    }
+
+    fn release(&self) {
+        // Requeued now, not when the channel closes: a delivery whose settlement failed
+        // for good would otherwise hold its prefetch slot for the channel's life.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (acker, id) = (self.acker.clone(), self.id.clone());
+        runtime.spawn(async move {
+            let nack = acker.nack(BasicNackOptions { requeue: true, ..Default::default() });
+            if let Ok(Err(e)) = within("hand a delivery back", nack).await {
+                tracing::debug!(%id, error = %e, "handing a delivery back failed; RabbitMQ requeues it when its channel closes");
+            }
+        });
     }
 }

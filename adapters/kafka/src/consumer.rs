@@ -239,6 +239,37 @@ impl ConsumerShared {
         Ok(())
     }
 
+    /// Takes back a delivery dropped unsettled (its settlement failed for good): its
+    /// offset stays unsettled, so commits do not pass it; its prefetch slot is freed; the
+    /// record comes again after a backoff that grows with its attempts (100 ms doubling,
+    /// at most 30 s), still holding its key so that the key's later messages do not
+    /// overtake it, while the partition's other keys flow on.
+    fn hand_back(&self, d: &KafkaAcker) {
+        let mut st = self.state.lock().unwrap();
+        if d.generation != st.generation || self.closing.load(Ordering::Acquire) {
+            return; // revoked or closing: the partition's next owner redelivers it
+        }
+        st.in_flight = st.in_flight.saturating_sub(1);
+        if let Some(n) = st.handed_out.get_mut(&(d.topic.clone(), d.partition)) {
+            *n = n.saturating_sub(1);
+        }
+        let backoff = Duration::from_millis(100).saturating_mul(1 << d.attempt.min(9)).min(Duration::from_secs(30));
+        let received = Received {
+            message: d.message.clone(),
+            attempt: d.attempt.saturating_add(1),
+            not_before: None,
+            control: Vec::new(),
+        };
+        st.buffered_bytes += received.size();
+        let from_retry = *d.topic == *self.retry_topic;
+        let pending =
+            Pending { topic: d.topic.clone(), partition: d.partition, offset: d.offset, received, from_retry };
+        tracing::warn!(id = %d.message.id, topic = %d.topic, partition = d.partition, offset = d.offset, ?backoff, "an unsettled delivery was handed back; it comes again");
+        st.delayed.push((Instant::now() + backoff, pending));
+        drop(st);
+        self.settled.notify_one();
+    }
+
     /// Hands out up to `max` ready messages, within `prefetch`.
     fn take(self: &Arc<Self>, max: usize) -> Vec<Delivery> {
         let now = Instant::now();
@@ -546,7 +577,8 @@ impl Acknowledger for KafkaAcker {
         let delay = delay.unwrap_or_default().min(MAX_RETRY_DELAY);
         let not_before = (SystemTime::now() + delay)
             .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis().to_string())
+            // Rounded up to the millisecond: never early.
+            .map(|d| (d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 != 0)).to_string())
             .unwrap_or_default();
         let mut extra = vec![(mapping::ATTEMPT, attempt.as_str())];
         if !delay.is_zero() {
@@ -563,6 +595,10 @@ impl Acknowledger for KafkaAcker {
             }
         }
         self.shared.settle(self, false)
+    }
+
+    fn release(&self) {
+        self.shared.hand_back(self);
     }
 
     async fn dead_letter(&self, letter: &DeadLetter) -> Result<()> {
