@@ -23,9 +23,11 @@ pub(crate) const TOPIC_RETURN_EXCHANGE: &str = "courier.delay.topic";
 
 const STEPS: [u64; 10] = [10, 12, 15, 20, 25, 30, 40, 50, 60, 80];
 
-/// The bucket, in milliseconds, that holds a message for `delay` or a little longer.
+/// The bucket, in milliseconds, that holds a message for `delay` or a little longer. A
+/// delay past [`MAX_DELAY`] (a `retry_after` may ask for any) waits [`MAX_DELAY`]: the
+/// arithmetic would otherwise overflow, and RabbitMQ's TTL is 32 bits.
 pub(crate) fn bucket_ms(delay: Duration) -> u64 {
-    let ms = delay.as_millis().max(1) as u64;
+    let ms = delay.min(MAX_DELAY).as_millis().max(1) as u64;
     let mut scale = 1u64; // STEPS are tenths of the decade
     loop {
         for step in STEPS {
@@ -61,5 +63,12 @@ mod tests {
         assert_eq!(bucket_ms(Duration::from_millis(400)), 400);
         assert_eq!(bucket_ms(Duration::ZERO), 1);
         assert!(bucket_ms(MAX_DELAY) < u32::MAX as u64, "fits x-message-ttl");
+    }
+
+    #[test]
+    fn an_unbounded_delay_waits_the_longest_bucket_instead_of_overflowing() {
+        for delay in [Duration::MAX, Duration::from_secs(u64::MAX / 1000), MAX_DELAY * 2] {
+            assert_eq!(bucket_ms(delay), bucket_ms(MAX_DELAY));
+        }
     }
 }

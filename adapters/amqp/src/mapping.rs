@@ -216,6 +216,41 @@ fn render(v: &AMQPValue) -> String {
 mod tests {
     use super::*;
 
+    mod round_trip {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any message Courier can send comes back as it went: id, content type,
+            /// headers (the `amqp-*` ones as properties and back), payload. One it cannot
+            /// send is refused with an error, never a panic.
+            #[test]
+            fn a_message_survives_amqp(
+                id in ".{1,40}",
+                content_type in proptest::option::of("[ -~]{0,40}"),
+                headers in proptest::collection::btree_map("[a-zA-Z0-9_.-]{1,40}|.{0,300}", ".{0,60}", 0..6),
+                payload in proptest::collection::vec(any::<u8>(), 0..64),
+            ) {
+                let mut message = Message::new(payload.clone()).with_id(id.as_str());
+                message.content_type = content_type.clone();
+                for (k, v) in &headers {
+                    message.headers.insert(k.clone(), v.clone());
+                }
+                let Ok(props) = properties(&message, 1) else { return Ok(()) };
+                let (back, attempt) = super::message(Bytes::from(payload.clone()), &props, false);
+                prop_assert_eq!(attempt, 1);
+                prop_assert_eq!(back.id.as_str(), id.as_str());
+                prop_assert_eq!(&back.content_type, &content_type);
+                prop_assert_eq!(&back.payload[..], &payload[..]);
+                for (k, v) in &headers {
+                    if k != ATTEMPT_HEADER && !is_broker_bookkeeping(k) {
+                        prop_assert_eq!(back.headers.get(k), Some(v), "header {:?}", k);
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn headers_and_properties_survive_the_round_trip() {
         let msg = Message::new(vec![0u8, 255, 7])
