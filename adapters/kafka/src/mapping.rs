@@ -140,6 +140,34 @@ pub(crate) fn read_headers<H: Headers>(headers: &H) -> Vec<(String, String)> {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// What Courier writes as record headers reads back as it went: the id, the
+        /// content type and every header, Courier's own extras after them.
+        #[test]
+        fn headers_round_trip_through_a_record(
+            id in ".{1,40}",
+            content_type in proptest::option::of(".{0,40}"),
+            headers in proptest::collection::btree_map(".{0,20}", ".{0,60}", 0..6),
+            attempt in 1u32..1000,
+        ) {
+            let mut message = Message::new("x").with_id(id.as_str());
+            message.content_type = content_type.clone();
+            for (k, v) in &headers {
+                message.headers.insert(k.clone(), v.clone());
+            }
+            let attempt = attempt.to_string();
+            let written = super::headers(&message, &[(ATTEMPT, attempt.as_str())]);
+            let read = read_headers(&written);
+            let mut expected = vec![(ID.to_owned(), id.clone())];
+            if let Some(ct) = &content_type {
+                expected.push((CONTENT_TYPE.to_owned(), ct.clone()));
+            }
+            expected.extend(message.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+            expected.push((ATTEMPT.to_owned(), attempt));
+            proptest::prop_assert_eq!(read, expected);
+        }
+    }
+
     #[test]
     fn headers_are_read_in_order_with_values_as_text() {
         let headers = OwnedHeaders::new()
