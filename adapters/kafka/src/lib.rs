@@ -395,6 +395,7 @@ impl Broker for KafkaBroker {
     async fn send(&self, destination: &Destination, message: Message) -> Result<MessageId> {
         self.inner.open.check()?;
         self.inner.capabilities.check_message(&message)?;
+        mapping::check_header_names(&message)?;
         let topic = topic_of(destination);
         self.inner.ensure_topic(topic, None).await?;
         self.inner.produce(topic, None, &message, &[]).await?;
@@ -404,6 +405,7 @@ impl Broker for KafkaBroker {
     async fn send_batch(&self, destination: &Destination, messages: Vec<Message>) -> Result<Vec<MessageId>> {
         self.inner.open.check()?;
         self.inner.capabilities.check_batch(&messages)?;
+        messages.iter().try_for_each(mapping::check_header_names)?;
         let topic = topic_of(destination);
         self.inner.ensure_topic(topic, None).await?;
         // All records are queued on the first poll, then the delivery reports are awaited

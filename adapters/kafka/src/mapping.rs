@@ -34,6 +34,22 @@ pub(crate) fn headers(message: &Message, extra: &[(&str, &str)]) -> OwnedHeaders
     headers
 }
 
+/// Refuses, before any I/O, a header name librdkafka would cut short: it takes names as
+/// C strings, so `a\0b` would arrive as `a` (found by the round-trip property below).
+pub(crate) fn check_header_names(message: &Message) -> courier_core::Result<()> {
+    match message.headers.keys().find(|k| k.contains('\0')) {
+        None => Ok(()),
+        Some(name) => Err(courier_core::Error::Broker {
+            backend: crate::BACKEND,
+            message: format!(
+                "header name {name:?} holds a NUL character, which Kafka header names cannot carry; rename the header"
+            ),
+            retryable: false,
+            source: None,
+        }),
+    }
+}
+
 /// The record's timestamp for `message`, in ms since the epoch.
 pub(crate) fn timestamp_ms(message: &Message) -> i64 {
     message.timestamp.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -155,6 +171,11 @@ mod tests {
             for (k, v) in &headers {
                 message.headers.insert(k.clone(), v.clone());
             }
+            if headers.keys().any(|k| k.contains('\0')) {
+                proptest::prop_assert!(check_header_names(&message).is_err(), "refused before any I/O");
+                return Ok(());
+            }
+            proptest::prop_assert!(check_header_names(&message).is_ok());
             let attempt = attempt.to_string();
             let written = super::headers(&message, &[(ATTEMPT, attempt.as_str())]);
             let read = read_headers(&written);
