@@ -474,18 +474,17 @@ async fn dlq_redrive(broker: DynBroker, from: &str, limit: Option<usize>, to_top
     // Dead letters go back to the source the operator named, whose dead-letter queue this
     // is: never to where a header says, which anyone able to write here could set.
     let origin = Source::parse(from)?;
-    if matches!(origin, Source::Subscription { .. }) && !to_topic {
-        if let Err(Error::Unsupported { backend, .. }) =
-            broker.capabilities().require(courier::Feature::SubscriptionSend)
-        {
-            return Err(Error::config(
-                "dlq redrive",
-                format!(
-                    "{backend} cannot send to one subscription alone, so redriving {origin} would give every subscription of topic {} a copy; pass --to-topic to do that",
-                    origin.destination().name()
-                ),
-            ));
-        }
+    let caps = broker.capabilities();
+    if matches!(origin, Source::Subscription { .. }) && !to_topic && !caps.supports(courier::Feature::SubscriptionSend)
+    {
+        return Err(Error::config(
+            "dlq redrive",
+            format!(
+                "{} cannot send to one subscription alone, so redriving {origin} would give every subscription of topic {} a copy; pass --to-topic to do that",
+                caps.backend,
+                origin.destination().name()
+            ),
+        ));
     }
     let consumer = broker.consumer(&dlq, Default::default()).await?;
     let mut moved = 0usize;

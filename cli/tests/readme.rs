@@ -123,3 +123,19 @@ fn readme_examples_on_sqs() {
     let url = fixture(courier_contract_tests::sqs_url());
     check_readme_on(Backend { url, shared: true, lacks: vec![("topic:", "fan-out")] });
 }
+
+/// Names no backend can hold are refused before any broker is asked, naming the name.
+#[test]
+fn declaring_a_name_courier_cannot_hold_fails_naming_it() {
+    for target in ["queue:has space", "topic:", "queue:", "nonsense", "topic:a/b/c", "queue:\u{1b}[31mred"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_courier"))
+            .args(["declare", target])
+            .env("COURIER_BACKEND", "memory://")
+            .env_remove("COURIER_CONFIG")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{target:?} was declared");
+        assert!(stderr.starts_with("error: "), "{target:?}: {stderr}");
+    }
+}

@@ -209,6 +209,16 @@ mod oidc {
         }
         assert_eq!(seen.lock().unwrap().len(), 1);
     }
+
+    #[test]
+    fn a_jwks_that_is_not_one_is_refused_naming_it() {
+        for garbage in ["", "not json", "{}", r#"{"keys": []}"#, r#"{"keys": [{"kty": "RSA"}]}"#, "\u{0}"] {
+            match OidcVerifier::from_jwks(garbage, AUDIENCE) {
+                Err(e) => assert!(e.to_string().contains("JWKS"), "{garbage:?}: {e}"),
+                Ok(_) => panic!("{garbage:?} was taken for a JWKS"),
+            }
+        }
+    }
 }
 
 #[tokio::test]

@@ -203,6 +203,24 @@ pub fn kafka_durable_url() -> String {
     endpoint("COURIER_TEST_KAFKA_DURABLE", "kafka://127.0.0.1:9093?batch.num.messages=1")
 }
 
+/// `host:port,…` of a `kafka://` URL, for a client that is not Courier's.
+pub fn kafka_bootstrap(url: &str) -> String {
+    let rest = url.strip_prefix("kafka://").expect("a kafka:// URL");
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    authority.rsplit_once('@').map_or(authority, |(_, hosts)| hosts).to_owned()
+}
+
+/// The endpoint and region of an `sqs://REGION?endpoint=URL` URL, for a client that is
+/// not Courier's.
+pub fn sqs_endpoint_and_region(url: &str) -> (String, String) {
+    let region = url.trim_start_matches("sqs://").split(['/', '?']).next().unwrap_or_default().to_owned();
+    let endpoint = url
+        .split_once("endpoint=")
+        .map(|(_, rest)| rest.split('&').next().unwrap_or_default().replace("%3A", ":").replace("%2F", "/"))
+        .expect("the SQS fixture names its endpoint");
+    (endpoint, region)
+}
+
 /// The Kafka backend: each case opens its own clients.
 #[derive(Debug, Default, Clone)]
 pub struct KafkaHarness;

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use courier::{App, Json, RouteOptions};
-use courier_contract_tests::{amqp_url, kafka_url, sqs_url};
+use courier_contract_tests::{amqp_url, kafka_bootstrap, kafka_url, sqs_endpoint_and_region, sqs_url};
 use courier_core::{conformance::unique_name, headers, ConsumerOptions, DynBroker, Message, Source};
 
 /// Good messages per backend.
@@ -173,10 +173,8 @@ async fn hostile_producer_on_kafka() {
     let source = Source::queue(&topic).unwrap();
     broker.declare(&source).await.unwrap();
 
-    let rest = url.strip_prefix("kafka://").unwrap();
-    let bootstrap = rest.split(['/', '?']).next().unwrap();
     let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+        .set("bootstrap.servers", kafka_bootstrap(&url))
         .set("batch.num.messages", "1") // Tansu: see the fixture's note
         .create()
         .unwrap();
@@ -221,12 +219,11 @@ async fn hostile_producer_on_sqs() {
     let source = Source::queue(&name).unwrap();
     broker.declare(&source).await.unwrap();
 
-    let region = url.trim_start_matches("sqs://").split(['/', '?']).next().unwrap().to_owned();
-    let endpoint = url.split_once("endpoint=").expect("a local SQS endpoint").1.split('&').next().unwrap();
+    let (endpoint, region) = sqs_endpoint_and_region(&url);
     let conf = aws_sdk_sqs::Config::builder()
         .behavior_version_latest()
         .region(aws_sdk_sqs::config::Region::new(region))
-        .endpoint_url(endpoint.replace("%3A", ":").replace("%2F", "/"))
+        .endpoint_url(endpoint)
         .credentials_provider(aws_sdk_sqs::config::Credentials::new("courier-test", "courier-test", None, None, "t"))
         .build();
     let raw = aws_sdk_sqs::Client::from_conf(conf);

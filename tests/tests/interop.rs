@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use courier::{App, Delivery, Message};
-use courier_contract_tests::{amqp_url, kafka_url, sqs_url};
+use courier_contract_tests::{amqp_url, kafka_bootstrap, kafka_url, sqs_endpoint_and_region, sqs_url};
 use courier_core::{conformance::unique_name, Broker, ConsumerOptions, Destination, DynBroker, Source};
 
 /// Runs one command of `interop/clients.py`; its JSON output, parsed loosely.
@@ -105,10 +105,6 @@ async fn rabbitmq_a_worker_route_consumes_a_queue_pika_declared_with_defaults() 
 
 // Kafka
 
-fn bootstrap(url: &str) -> String {
-    without_query(url).trim_start_matches("kafka://").trim_end_matches('/').to_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_a_bare_confluent_record_reaches_courier() {
     let url = kafka_url().await;
@@ -116,7 +112,7 @@ async fn kafka_a_bare_confluent_record_reaches_courier() {
     let topic = unique_name("confluent-in");
     let source = Source::queue(&topic).unwrap();
     broker.declare(&source).await.unwrap();
-    client(&["kafka-send", &bootstrap(&url), &topic, "bare record"]).await;
+    client(&["kafka-send", &kafka_bootstrap(&url), &topic, "bare record"]).await;
     let d = receive_one(&broker, &source).await;
     assert_eq!(&d.payload[..], b"bare record");
     assert!(d.id.as_str().starts_with(&format!("{topic}-")), "topic-partition-offset: {}", d.id);
@@ -130,7 +126,7 @@ async fn kafka_confluent_reads_a_courier_record_as_body_and_headers() {
     let topic = unique_name("confluent-out");
     broker.declare_destination(&Destination::topic(&topic).unwrap()).await.unwrap();
     let id = broker.send(&Destination::topic(&topic).unwrap(), courier_message()).await.unwrap();
-    let seen = client(&["kafka-receive", &bootstrap(&url), &topic, &unique_name("confluent-group")]).await;
+    let seen = client(&["kafka-receive", &kafka_bootstrap(&url), &topic, &unique_name("confluent-group")]).await;
     assert!(seen.contains(r#""body": "from courier""#), "{seen}");
     assert!(seen.contains(r#""tenant": "acme""#), "{seen}");
     assert!(seen.contains(&format!(r#""courier-id": "{id}""#)), "{seen}");
@@ -139,16 +135,6 @@ async fn kafka_confluent_reads_a_courier_record_as_body_and_headers() {
 
 // SQS
 
-/// The endpoint and region of an `sqs://REGION?endpoint=URL` fixture URL.
-fn endpoint_and_region(url: &str) -> (String, String) {
-    let region = without_query(url).trim_start_matches("sqs://").trim_end_matches('/').to_owned();
-    let endpoint = url
-        .split_once("endpoint=")
-        .map(|(_, rest)| rest.split('&').next().unwrap().to_owned())
-        .expect("the SQS fixture names its endpoint");
-    (endpoint, region)
-}
-
 #[tokio::test]
 async fn sqs_a_bare_boto3_message_reaches_courier() {
     let url = sqs_url().await;
@@ -156,7 +142,7 @@ async fn sqs_a_bare_boto3_message_reaches_courier() {
     let queue = unique_name("boto3-in");
     let source = Source::queue(&queue).unwrap();
     broker.declare(&source).await.unwrap();
-    let (endpoint, region) = endpoint_and_region(&url);
+    let (endpoint, region) = sqs_endpoint_and_region(&url);
     let sent = client(&["sqs-send", &endpoint, &region, &queue, "bare body"]).await;
     let d = receive_one(&broker, &source).await;
     assert_eq!(&d.payload[..], b"bare body");
@@ -172,7 +158,7 @@ async fn sqs_a_python_lambda_style_handler_reads_a_courier_message() {
     let source = Source::queue(&queue).unwrap();
     broker.declare(&source).await.unwrap();
     let id = broker.send(&source.destination(), courier_message()).await.unwrap();
-    let (endpoint, region) = endpoint_and_region(&url);
+    let (endpoint, region) = sqs_endpoint_and_region(&url);
     let seen = client(&["sqs-receive", &endpoint, &region, &queue]).await;
     assert!(seen.contains(r#""body": "from courier""#), "{seen}");
     assert!(seen.contains(r#""tenant": "acme""#), "{seen}");

@@ -10,15 +10,8 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareO
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 
-fn url() -> String {
-    std::env::var("COURIER_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-fn with_option(option: &str) -> String {
-    let url = url();
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}{option}")
-}
+mod common;
+use common::{url, with_option};
 
 /// Another application: lapin used raw, as a pika or Bunny program would use its client.
 struct OtherApp {

@@ -11,9 +11,8 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, 
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
-fn url() -> String {
-    std::env::var("COURIER_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
+mod common;
+use common::url;
 
 async fn raw_channel() -> (Connection, lapin::Channel) {
     let connection = Connection::connect(&url(), ConnectionProperties::default()).await.expect("raw lapin connects");

@@ -4,15 +4,8 @@
 use courier_amqp::AmqpBroker;
 use courier_core::{conformance::unique_name, Broker, Destination, Error, Message, Source};
 
-fn url() -> String {
-    std::env::var("COURIER_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-fn with_option(option: &str) -> String {
-    let url = url();
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}{option}")
-}
+mod common;
+use common::{url, with_option};
 
 #[tokio::test]
 async fn verify_mode_names_what_is_missing_and_creates_nothing() {

@@ -260,6 +260,21 @@ mod tests {
     }
 
     #[test]
+    fn a_packed_headers_attribute_that_is_not_json_stays_a_plain_header() {
+        let value = MessageAttributeValue::builder().data_type("String").string_value("{not json").build().unwrap();
+        let sqs = aws_sdk_sqs::types::Message::builder()
+            .body("fine")
+            .message_attributes(PACKED_HEADERS_ATTRIBUTE, value)
+            .message_id("id")
+            .receipt_handle("h")
+            .build();
+        let received = super::message(&sqs);
+        assert!(received.poison.is_none());
+        assert_eq!(received.message.header(PACKED_HEADERS_ATTRIBUTE), Some("{not json"));
+        assert_eq!(&received.message.payload[..], b"fine");
+    }
+
+    #[test]
     fn a_body_is_decoded_only_when_courier_encoded_it() {
         use base64::engine::general_purpose::STANDARD;
         // Courier's own encoding of bytes SQS cannot carry: decoded.
