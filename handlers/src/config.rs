@@ -12,10 +12,11 @@ use courier_core::{DynBroker, Error, Result, RetryPolicy};
 use crate::worker::RouteOptions;
 
 /// The URL schemes Courier knows, whether or not this build includes them.
-pub const SCHEMES: &[&str] = &["memory", "amqp", "amqps", "kafka", "sqs"];
+pub const SCHEMES: &[&str] = &["memory", "sqlite", "postgres", "postgresql", "amqp", "amqps", "kafka", "sqs"];
 
-/// Opens the backend a URL names: `memory://` (built in), `amqp://`/`amqps://`,
-/// `kafka://` and `sqs://` (each behind the cargo feature of the same name).
+/// Opens the backend a URL names: `memory://` (built in), `sqlite://PATH` (on by
+/// default), `postgres://`, `amqp://`/`amqps://`, `kafka://` and `sqs://` (each behind
+/// the cargo feature of the same name).
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -24,10 +25,32 @@ pub const SCHEMES: &[&str] = &["memory", "amqp", "amqps", "kafka", "sqs"];
 /// assert_eq!(broker.capabilities().backend, "local");
 ///
 /// let err = courier::connect("redis://localhost").await.unwrap_err();
-/// assert!(err.to_string().contains("memory, amqp, amqps, kafka, sqs"));
+/// assert!(err.to_string().contains("memory, sqlite, postgres, postgresql, amqp, amqps, kafka, sqs"));
 /// # Ok(()) }
 /// ```
 pub async fn connect(url: &str) -> Result<DynBroker> {
+    // A file path is not a host: the SQL backends read their own URLs.
+    match url.split_once("://").map(|(scheme, _)| scheme) {
+        #[cfg(feature = "sqlite")]
+        Some("sqlite") => return Ok(Arc::new(courier_sql::SqlBroker::connect(url).await?)),
+        #[cfg(not(feature = "sqlite"))]
+        Some("sqlite") => {
+            return Err(Error::config(
+                "backend",
+                "sqlite:// needs the `sqlite` feature of the courier crate (on by default), which this build does not have",
+            ))
+        }
+        #[cfg(feature = "postgres")]
+        Some("postgres" | "postgresql") => return Ok(Arc::new(courier_sql::SqlBroker::connect(url).await?)),
+        #[cfg(not(feature = "postgres"))]
+        Some("postgres" | "postgresql") => {
+            return Err(Error::config(
+                "backend",
+                "postgres:// needs the `postgres` feature of the courier crate, which this build does not have; rebuild with `--features postgres`",
+            ))
+        }
+        _ => {}
+    }
     // Parsed once here; the backend chosen by the scheme reads the rest.
     let url = BackendUrl::parse(url)?;
     match url.scheme() {

@@ -274,3 +274,45 @@ impl Harness for SqsHarness {
         }
     }
 }
+
+/// SQLite: a new file per case, in the system's temporary directory.
+#[derive(Debug, Default, Clone)]
+pub struct SqliteHarness;
+
+/// A path for a new SQLite test database named after `case`, in a directory of its own
+/// under the system's temporary directory (SQLite writes `-wal` and `-shm` files beside it).
+pub fn sqlite_test_path(case: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join("courier-sqlite-tests").join(courier_core::conformance::unique_name(case));
+    std::fs::create_dir_all(&dir).expect("create the test database's directory");
+    dir.join("queues.db")
+}
+
+#[async_trait]
+impl Harness for SqliteHarness {
+    async fn broker(&self) -> Result<DynBroker> {
+        let url = format!("sqlite://{}", sqlite_test_path("conformance").display());
+        Ok(Arc::new(courier_sql::SqlBroker::connect(&url).await?))
+    }
+}
+
+/// PostgreSQL: `$COURIER_TEST_POSTGRES`, else the server `scripts/brokers up` started
+/// (127.0.0.1:5432, database `test`, trust authentication).
+pub fn postgres_url() -> String {
+    endpoint("COURIER_TEST_POSTGRES", "postgres://postgres@127.0.0.1:5432/test")
+}
+
+/// PostgreSQL, shared by every case (each uses names of its own).
+#[derive(Debug, Default, Clone)]
+pub struct PostgresHarness;
+
+#[async_trait]
+impl Harness for PostgresHarness {
+    async fn broker(&self) -> Result<DynBroker> {
+        let url = postgres_url();
+        let broker = courier_sql::SqlBroker::connect(&url).await.map_err(|e| {
+            eprintln!("cannot use PostgreSQL at {}: {e}; run scripts/brokers up", courier_core::redact_url(&url));
+            e
+        })?;
+        Ok(Arc::new(broker))
+    }
+}

@@ -1,0 +1,156 @@
+//! Durability across `kill -9`: a producer and then a consumer process are killed with
+//! SIGKILL in the middle of their work, on `sqlite://` and on `postgres://`. After each
+//! restart every message whose send returned Ok is delivered, no message whose ack
+//! returned Ok comes back, and duplicates are counted and bounded by what was in flight.
+//! Several processes consuming one queue at once handle no message twice.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use courier_contract_tests::{postgres_url, sqlite_test_path};
+use courier_core::conformance::unique_name;
+use tokio::process::{Child, Command};
+
+const MESSAGES: usize = 10_000;
+/// Most deliveries one consumer process holds: one receive of 100.
+const IN_FLIGHT: usize = 100;
+
+fn child(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_sql_crash_child")).args(args).kill_on_drop(true).spawn().expect("start the child")
+}
+
+fn events(out: &Path, event: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(out).unwrap_or_default();
+    text.lines().filter_map(|l| l.strip_prefix(event)).map(|id| id.trim().to_owned()).collect()
+}
+
+/// Waits until `out` reports `n` events of `event`, then kills the child with SIGKILL.
+async fn kill_after(mut child: Child, out: &Path, event: &str, n: usize) {
+    let started = tokio::time::Instant::now();
+    while events(out, event).len() < n {
+        assert!(child.try_wait().unwrap().is_none(), "the child ended before it was killed");
+        assert!(started.elapsed() < Duration::from_secs(300), "no progress: {} {event}", events(out, event).len());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().await.expect("SIGKILL");
+}
+
+async fn finish(mut child: Child) {
+    let status =
+        tokio::time::timeout(Duration::from_secs(300), child.wait()).await.expect("the child finishes").unwrap();
+    assert!(status.success(), "the child failed: {status}");
+}
+
+fn out_dir(case: &str) -> PathBuf {
+    sqlite_test_path(case).parent().unwrap().to_path_buf()
+}
+
+async fn crash_twice_lose_nothing(url: &str, case: &str) {
+    let queue = unique_name(case);
+    let dir = out_dir(case);
+    let out = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let (sent_a, sent_b, run_1, run_2) = (out("sent-a"), out("sent-b"), out("consume-1"), out("consume-2"));
+    let n = MESSAGES.to_string();
+
+    // Sends: killed after 3,000 confirmed, then a new process sends what was not confirmed.
+    kill_after(child(&["send", url, &queue, &n, "a", &sent_a]), Path::new(&sent_a), "sent ", 3_000).await;
+    finish(child(&["send", url, &queue, &n, "b", &sent_b, &sent_a])).await;
+    let sent: HashSet<String> =
+        events(Path::new(&sent_a), "sent ").into_iter().chain(events(Path::new(&sent_b), "sent ")).collect();
+    assert_eq!(
+        sent.iter().map(|id| id.split('-').next().unwrap()).collect::<HashSet<_>>().len(),
+        MESSAGES,
+        "every index was confirmed once by one of the two producers"
+    );
+
+    // Consumers: killed after 4,050 acks (in the middle of a batch of 100), then a new one (after the leases ran out) takes the rest.
+    kill_after(child(&["consume", url, &queue, "2000", "4000", &run_1]), Path::new(&run_1), "acked ", 4_050).await;
+    finish(child(&["consume", url, &queue, "2000", "4000", &run_2])).await;
+
+    let acked_1: HashSet<String> = events(Path::new(&run_1), "acked ").into_iter().collect();
+    let got_2: Vec<String> = events(Path::new(&run_2), "got ");
+    let came_back: Vec<&String> = got_2.iter().filter(|id| acked_1.contains(*id)).collect();
+    assert!(
+        came_back.is_empty(),
+        "{} messages whose ack returned Ok came back: {:?}",
+        came_back.len(),
+        &came_back[..came_back.len().min(5)]
+    );
+
+    let acked: HashSet<String> = acked_1.iter().cloned().chain(events(Path::new(&run_2), "acked ")).collect();
+    let lost: Vec<&String> = sent.difference(&acked).collect();
+    assert!(lost.is_empty(), "{} confirmed sends never delivered: {:?}", lost.len(), &lost[..lost.len().min(5)]);
+
+    // Duplicates: deliveries of one id more than once (held by the killed consumer), and
+    // payloads sent twice (committed before the killed producer heard so).
+    let mut deliveries: HashMap<String, usize> = HashMap::new();
+    for id in events(Path::new(&run_1), "got ").into_iter().chain(got_2) {
+        *deliveries.entry(id).or_default() += 1;
+    }
+    let redelivered = deliveries.values().filter(|n| **n > 1).count();
+    let unconfirmed_sends = deliveries.keys().filter(|id| !sent.contains(*id)).count();
+    println!(
+        "{case}: {} confirmed sends, {} delivered ids, {redelivered} redelivered after the consumer's kill (bound {IN_FLIGHT}), \
+         {unconfirmed_sends} committed sends the killed producer never heard of (bound 16)",
+        sent.len(),
+        deliveries.len()
+    );
+    assert!(redelivered <= IN_FLIGHT, "{redelivered} redeliveries: more than one receive's worth was in flight");
+    assert!(
+        unconfirmed_sends <= 16,
+        "{unconfirmed_sends} unconfirmed sends: more than the producer's 16 tasks had in flight"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+async fn competing_processes_handle_each_message_once(url: &str, case: &str) {
+    let queue = unique_name(case);
+    let dir = out_dir(case);
+    let sent = dir.join("sent").to_string_lossy().into_owned();
+    finish(child(&["send", url, &queue, "3000", "a", &sent])).await;
+    let outs: Vec<String> = (0..3).map(|i| dir.join(format!("consume-{i}")).to_string_lossy().into_owned()).collect();
+    let children: Vec<Child> = outs.iter().map(|out| child(&["consume", url, &queue, "30000", "2000", out])).collect();
+    for c in children {
+        finish(c).await;
+    }
+    let mut handled: HashMap<String, usize> = HashMap::new();
+    let mut per_process = Vec::new();
+    for out in &outs {
+        let acked = events(Path::new(out), "acked ");
+        per_process.push(acked.len());
+        for id in acked {
+            *handled.entry(id).or_default() += 1;
+        }
+    }
+    println!("{case}: acks per process {per_process:?}");
+    let twice: Vec<_> = handled.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "handled twice while the lease held: {twice:?}");
+    assert_eq!(handled.len(), 3000, "every message handled");
+    assert!(per_process.iter().filter(|n| **n > 0).count() >= 2, "the work was shared: {per_process:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+fn sqlite_url(case: &str) -> String {
+    format!("sqlite://{}", sqlite_test_path(case).display())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_survives_kill_9_during_sends_and_acks() {
+    crash_twice_lose_nothing(&sqlite_url("sqlite-crash"), "sqlite-crash").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_survives_kill_9_during_sends_and_acks() {
+    crash_twice_lose_nothing(&postgres_url(), "postgres-crash").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_sharing_a_sqlite_file_handle_each_message_once() {
+    competing_processes_handle_each_message_once(&sqlite_url("sqlite-share"), "sqlite-share").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_sharing_a_postgres_queue_handle_each_message_once() {
+    competing_processes_handle_each_message_once(&postgres_url(), "postgres-share").await;
+}
