@@ -58,6 +58,25 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Work with a database's transactional outbox.
+    Outbox {
+        #[command(subcommand)]
+        action: OutboxAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum OutboxAction {
+    /// Forward the messages committed to a database's outbox to the backend (--backend,
+    /// COURIER_BACKEND or the config file), deleting each only once the backend confirmed it.
+    Relay {
+        /// The database holding the outbox: sqlite://PATH or postgres://….
+        #[arg(long)]
+        from: String,
+        /// Stop once the outbox is empty, instead of running until Ctrl-C.
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 #[derive(Args)]
@@ -212,8 +231,15 @@ async fn run(cli: Cli) -> Result<(), Error> {
         None => Config::default(),
     };
     config = config.with_env(std::env::vars().filter(|(k, _)| k.starts_with("COURIER_") && k != "COURIER_LOG"))?;
+    let configured = cli.backend.is_some()
+        || std::env::var("COURIER_BACKEND").is_ok_and(|b| !b.is_empty())
+        || config.backend != Config::default().backend;
     if let Some(url) = cli.backend {
         config.backend = url;
+    } else if !configured && !matches!(cli.command, Command::Demo { .. } | Command::Faas(_)) {
+        // Separate commands must meet somewhere: with no backend configured, a SQLite file
+        // every `courier` command of this user shares (the demo stays in memory).
+        config.backend = default_backend()?;
     }
     let broker = config.connect().await?;
     match cli.command {
@@ -227,7 +253,56 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::Dlq { action: DlqAction::Redrive { from, limit, to_topic } } => {
             dlq_redrive(broker, &from, limit, to_topic).await
         }
+        Command::Outbox { action: OutboxAction::Relay { from, once } } => {
+            outbox_relay(broker, &config, &from, once).await
+        }
     }
+}
+
+/// `sqlite://` at `$XDG_DATA_HOME/courier/queues.db` (else `~/.local/share/…`, else the
+/// working directory), its directory created.
+fn default_backend() -> Result<String, Error> {
+    let dir = std::env::var_os("XDG_DATA_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .map(|d| d.join("courier"))
+        .unwrap_or_else(|| PathBuf::from("."));
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        Error::config(
+            "backend",
+            format!(
+                "cannot create {} for the default SQLite file: {e}; set --backend or COURIER_BACKEND",
+                dir.display()
+            ),
+        )
+    })?;
+    Ok(format!("sqlite://{}", dir.join("queues.db").display()))
+}
+
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+async fn outbox_relay(broker: DynBroker, config: &Config, from: &str, once: bool) -> Result<(), Error> {
+    let relay = courier::sql::outbox::Relay::connect(from, broker).await?;
+    eprintln!("relaying the outbox of {} to {}", courier::redact_url(from), courier::redact_url(&config.backend));
+    let report = if once {
+        let spinner = indicatif::ProgressBar::new_spinner().with_message("relaying");
+        spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+        let report = relay.drain().await?;
+        spinner.finish_and_clear();
+        report
+    } else {
+        relay.run(std::time::Duration::from_millis(200), courier::shutdown_signal()).await
+    };
+    println!(
+        "relayed {} messages; {} refused by the backend for good and dropped (see the log)",
+        report.relayed, report.dead_lettered
+    );
+    Ok(())
+}
+
+#[cfg(not(any(feature = "sqlite", feature = "postgres")))]
+async fn outbox_relay(_: DynBroker, _: &Config, _: &str, _: bool) -> Result<(), Error> {
+    Err(Error::config("outbox", "this build of courier has neither the sqlite nor the postgres feature"))
 }
 
 async fn demo(broker: DynBroker, config: &Config, orders: u64) -> Result<(), Error> {

@@ -27,6 +27,8 @@ struct Backend {
     shared: bool,
     /// Text of the unsupported-feature error for lines that use it: (line part, error part).
     lacks: Vec<(&'static str, &'static str)>,
+    /// Set: no backend configured, the default file lives under this `XDG_DATA_HOME`.
+    data_home: Option<PathBuf>,
 }
 
 fn run(line: &str, backend: &Backend, suffix: &str) -> Output {
@@ -36,14 +38,14 @@ fn run(line: &str, backend: &Backend, suffix: &str) -> Output {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_courier"));
     let path = format!("{}:{}", bin.parent().unwrap().display(), std::env::var("PATH").unwrap_or_default());
     eprintln!("$ {line}");
-    let output = Command::new("sh")
-        .arg("-c")
-        .arg(&line)
-        .env("PATH", path)
-        .env("COURIER_BACKEND", &backend.url)
-        .env_remove("COURIER_CONFIG")
-        .output()
-        .expect("run sh");
+    let mut command = Command::new("sh");
+    command.arg("-c").arg(&line).env("PATH", path).env_remove("COURIER_CONFIG");
+    match &backend.data_home {
+        // No backend configured: the command's default SQLite file, under this directory.
+        Some(dir) => command.env_remove("COURIER_BACKEND").env("XDG_DATA_HOME", dir),
+        None => command.env("COURIER_BACKEND", &backend.url),
+    };
+    let output = command.output().expect("run sh");
     eprintln!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     output
 }
@@ -100,28 +102,46 @@ fn fixture<T>(f: impl std::future::Future<Output = T>) -> T {
 
 #[test]
 fn readme_examples_on_the_in_process_backend() {
-    check_readme_on(Backend { url: "memory://".into(), shared: false, lacks: vec![] });
+    check_readme_on(Backend { url: "memory://".into(), shared: false, lacks: vec![], data_home: None });
+}
+
+/// As the README's first line says: nothing configured, and separate commands share a
+/// SQLite file with no broker running.
+#[cfg(feature = "sqlite")]
+#[test]
+fn readme_examples_with_no_backend_configured_share_a_sqlite_file() {
+    let home = std::env::temp_dir().join(format!("courier-readme-home-{}", std::process::id()));
+    check_readme_on(Backend { url: String::new(), shared: true, lacks: vec![], data_home: Some(home.clone()) });
+    assert!(home.join("courier/queues.db").exists(), "the default file is where the README says");
+    std::fs::remove_dir_all(&home).ok();
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn readme_examples_on_postgres() {
+    let url = courier_contract_tests::postgres_url();
+    check_readme_on(Backend { url, shared: true, lacks: vec![], data_home: None });
 }
 
 #[cfg(feature = "amqp")]
 #[test]
 fn readme_examples_on_rabbitmq() {
     let url = fixture(courier_contract_tests::amqp_url());
-    check_readme_on(Backend { url, shared: true, lacks: vec![("courier stats", "statistics")] });
+    check_readme_on(Backend { url, shared: true, lacks: vec![("courier stats", "statistics")], data_home: None });
 }
 
 #[cfg(feature = "kafka")]
 #[test]
 fn readme_examples_on_kafka() {
     let url = fixture(courier_contract_tests::kafka_url());
-    check_readme_on(Backend { url, shared: true, lacks: vec![("courier stats", "statistics")] });
+    check_readme_on(Backend { url, shared: true, lacks: vec![("courier stats", "statistics")], data_home: None });
 }
 
 #[cfg(feature = "sqs")]
 #[test]
 fn readme_examples_on_sqs() {
     let url = fixture(courier_contract_tests::sqs_url());
-    check_readme_on(Backend { url, shared: true, lacks: vec![("topic:", "fan-out")] });
+    check_readme_on(Backend { url, shared: true, lacks: vec![("topic:", "fan-out")], data_home: None });
 }
 
 /// Names no backend can hold are refused before any broker is asked, naming the name.

@@ -70,6 +70,10 @@ pub use courier_core::{
     DynBroker, Error, Feature, Headers, Message, MessageId, Result, RetryPolicy, Source, Stats,
 };
 pub use courier_local::LocalBroker;
+/// The SQL backends (`sqlite://`, `postgres://`), the transactional outbox and the
+/// idempotent consumer.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use courier_sql as sql;
 pub use handler::{
     handler_service, BatchHandler, Context, FromIncoming, FromIncomingRef, Handler, HandlerFuture, HandlerService,
     Incoming, IntoOutcome, Json, Outcome,

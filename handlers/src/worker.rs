@@ -216,12 +216,16 @@ pub struct App {
     broker: DynBroker,
     routes: Vec<Route>,
     shutdown_grace: Duration,
+    background: Vec<Background>,
 }
+
+/// Work that runs beside the routes until shutdown (an outbox relay).
+type Background = Box<dyn FnOnce(CancellationToken) -> futures::future::BoxFuture<'static, ()> + Send>;
 
 impl App {
     /// A worker on `broker` with no routes yet.
     pub fn new(broker: DynBroker) -> Self {
-        App { broker, routes: Vec::new(), shutdown_grace: Duration::from_secs(30) }
+        App { broker, routes: Vec::new(), shutdown_grace: Duration::from_secs(30), background: Vec::new() }
     }
 
     /// Routes `source` to a handler function with default options.
@@ -276,6 +280,27 @@ impl App {
         self
     }
 
+    /// Relays a database's transactional outbox while the worker runs, to whatever
+    /// backend the relay was made with, and stops with the worker. See
+    /// [`courier::sql::outbox`](crate::sql::outbox).
+    ///
+    /// ```no_run
+    /// # async fn example(broker: courier::DynBroker) -> Result<(), courier::Error> {
+    /// let relay = courier::sql::outbox::Relay::connect("postgres://app@db/orders", broker.clone()).await?;
+    /// courier::App::new(broker).outbox_relay(relay).run().await?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    pub fn outbox_relay(mut self, relay: courier_sql::outbox::Relay) -> Self {
+        self.background.push(Box::new(move |stop: CancellationToken| {
+            Box::pin(async move {
+                let report = relay.run(Duration::from_millis(200), stop.cancelled_owned()).await;
+                tracing::info!(relayed = report.relayed, dropped = report.dead_lettered, "outbox relay stopped");
+            })
+        }));
+        self
+    }
+
     /// How long shutdown waits for in-flight handlers. Default 30 s.
     pub fn shutdown_grace(mut self, grace: Duration) -> Self {
         self.shutdown_grace = grace;
@@ -325,11 +350,17 @@ impl App {
                 });
             }
         }
+        let background_stop = CancellationToken::new();
+        let mut background = JoinSet::new();
+        let has_background = !self.background.is_empty();
+        for task in self.background {
+            background.spawn(task(background_stop.clone()));
+        }
         // Fetch loops end only at shutdown: one that ends before is an error, and a
         // worker with none left stops with an error rather than as if it had finished.
         let failed = tokio::select! {
             _ = signal => None,
-            failed = watch_loops(&mut tasks, &counters) => failed,
+            failed = watch_loops(&mut tasks, &counters), if !(tasks.is_empty() && has_background) => failed,
         };
         tracing::info!(grace = ?self.shutdown_grace, "shutting down: no new fetches, finishing in-flight work");
         stopping.store(true, Ordering::Release);
@@ -339,6 +370,8 @@ impl App {
             hard_stop.cancel();
             wait_all(&mut tasks).await;
         }
+        background_stop.cancel();
+        while background.join_next().await.is_some() {}
         for consumer in consumers {
             if let Err(e) = consumer.close().await {
                 tracing::warn!(error = %e, "closing a consumer failed; its unsettled messages return after their lease");

@@ -13,7 +13,7 @@ use courier_core::{DeadLetter, Destination, Error, Message, MessageId, Result, S
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::db::{after, db_error, now_ms, source_key, Conn, DbResult, Stored};
-use crate::outbox::OutboxRow;
+use crate::outbox::OutboxBatch;
 
 /// The longest a transaction may take before its connection is dropped and reopened.
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
@@ -55,10 +55,12 @@ pub(crate) enum Op {
         reply: oneshot::Sender<Result<bool>>,
     },
     /// Lease ended: visible again after `delay`. No reply: a delivery dropped unsettled.
+    /// `uncount`: the delivery was never handed out (read ahead), so it was no attempt.
     Unlease {
         seq: i64,
         lease: i64,
         delay: Duration,
+        uncount: bool,
         reply: Option<oneshot::Sender<Result<bool>>>,
     },
     Extend {
@@ -95,7 +97,7 @@ pub(crate) enum Op {
         holder: String,
         lease: Duration,
         max: usize,
-        reply: oneshot::Sender<Result<Vec<OutboxRow>>>,
+        reply: oneshot::Sender<Result<OutboxBatch>>,
     },
     OutboxDelete {
         seqs: Vec<i64>,
@@ -156,7 +158,7 @@ enum Answer {
     Count(u64),
     Unit,
     Stats(Result<Stats>),
-    Outbox(Vec<OutboxRow>),
+    Outbox(OutboxBatch),
 }
 
 /// A handle to the committer task.
@@ -229,7 +231,15 @@ async fn run<F, Fut>(
         };
         let wakes = batch.iter().any(Op::wakes);
         let sweep = last_sweep.elapsed() >= DEDUP_SWEEP;
-        match transaction(c, &batch, dedup_window, wakes, sweep).await {
+        let started = std::time::Instant::now();
+        let r = transaction(c, &batch, dedup_window, wakes, sweep).await;
+        tracing::trace!(
+            backend,
+            operations = batch.len(),
+            took_us = started.elapsed().as_micros() as u64,
+            "transaction"
+        );
+        match r {
             Ok(answers) => {
                 if sweep {
                     last_sweep = tokio::time::Instant::now();
@@ -408,8 +418,8 @@ async fn apply(conn: &mut Conn, ops: &[Op], dedup_window: Duration) -> DbResult<
     // Other settlements and administration, in arrival order.
     for (i, op) in ops.iter().enumerate() {
         let answer = match op {
-            Op::Unlease { seq, lease, delay, .. } => {
-                Answer::Done(conn.unlease(*seq, *lease, after(now, *delay)).await?)
+            Op::Unlease { seq, lease, delay, uncount, .. } => {
+                Answer::Done(conn.unlease(*seq, *lease, after(now, *delay), *uncount).await?)
             }
             Op::Extend { seq, lease, by, .. } => Answer::Done(conn.extend(*seq, *lease, after(now, *by)).await?),
             Op::DeadLetter { seq, lease, letter, .. } => {

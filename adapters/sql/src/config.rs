@@ -202,8 +202,14 @@ impl SqlConfig {
             #[cfg(feature = "postgres")]
             Location::Postgres(url) => {
                 let options: sqlx::postgres::PgConnectOptions = url.parse()?;
-                let options = options.statement_cache_capacity(512);
-                Ok(Conn::Postgres(options.connect().await?))
+                let mut conn = options.statement_cache_capacity(512).connect().await?;
+                // A receive takes the oldest rows of one source: an index scan in `seq` order
+                // stops after them. With row counts it has not sampled yet (a queue that grew
+                // since the last ANALYZE) the planner prefers a bitmap scan that reads and
+                // sorts the whole queue: 7.8 ms against 0.09 ms at 20,000 queued. This
+                // connection runs Courier's statements only.
+                sqlx::query("SET enable_bitmapscan = off").execute(&mut conn).await?;
+                Ok(Conn::Postgres(conn))
             }
             #[allow(unreachable_patterns)]
             _ => Err(sqlx::Error::Configuration(

@@ -296,7 +296,7 @@ impl Conn {
         for (chunk, seqs) in rows.chunks(CHUNK).zip(seqs.chunks(CHUNK)) {
             let sql = format!(
                 "INSERT INTO courier_messages (seq, source, ordering_key, visible_ms, attempts) VALUES {}",
-                placeholders(chunk.len(), 4, ", 0")
+                placeholders(self.dialect(), chunk.len(), 4, ", 0")
             );
             on!(self, c => {
                 let mut q = sqlx::query(&sql);
@@ -307,7 +307,7 @@ impl Conn {
             })?;
             let sql = format!(
                 "INSERT INTO courier_bodies (seq, id, payload, headers, content_type, dedup_id, created_us) VALUES {}",
-                placeholders(chunk.len(), 7, "")
+                placeholders(self.dialect(), chunk.len(), 7, "")
             );
             on!(self, c => {
                 let mut q = sqlx::query(&sql);
@@ -329,7 +329,7 @@ impl Conn {
 
     async fn delete_bodies(&mut self, seqs: &[i64]) -> DbResult<()> {
         for chunk in seqs.chunks(CHUNK) {
-            let list = (0..chunk.len()).map(|i| format!("${}", i + 1)).collect::<Vec<_>>().join(", ");
+            let list = params(self.dialect(), 1, chunk.len());
             let sql = format!("DELETE FROM courier_bodies WHERE seq IN ({list})");
             on!(self, c => {
                 let mut q = sqlx::query(&sql);
@@ -367,11 +367,12 @@ impl Conn {
     pub async fn lease(&mut self, seqs: &[i64], lease: i64, until: i64) -> DbResult<Vec<Stored>> {
         let mut out = Vec::with_capacity(seqs.len());
         for chunk in seqs.chunks(CHUNK) {
-            let list = (0..chunk.len()).map(|i| format!("${}", i + 3)).collect::<Vec<_>>().join(", ");
+            let (lease_p, until_p) = (params(self.dialect(), 1, 1), params(self.dialect(), 2, 1));
+            let list = params(self.dialect(), 3, chunk.len());
             let update = format!(
-                "UPDATE courier_messages SET lease = $1, visible_ms = $2, attempts = attempts + 1 WHERE seq IN ({list})"
+                "UPDATE courier_messages SET lease = {lease_p}, visible_ms = {until_p}, attempts = attempts + 1 WHERE seq IN ({list})"
             );
-            let list = (0..chunk.len()).map(|i| format!("${}", i + 1)).collect::<Vec<_>>().join(", ");
+            let list = params(self.dialect(), 1, chunk.len());
             let select = format!(
                 "SELECT {COLUMNS} FROM courier_messages m JOIN courier_bodies b ON b.seq = m.seq WHERE m.seq IN ({list})"
             );
@@ -400,31 +401,43 @@ impl Conn {
             .bind(source).bind(now).fetch_one(&mut *c).await)
     }
 
-    /// Deletes leased rows; returns the seqs that were still held by their lease.
+    /// Deletes leased rows; returns the seqs that were still held by their lease. One
+    /// statement per lease token (a receive's deliveries share one), each naming its rows.
     pub async fn delete_leased(&mut self, held: &[(i64, i64)]) -> DbResult<Vec<i64>> {
+        let mut by_lease: std::collections::BTreeMap<i64, Vec<i64>> = std::collections::BTreeMap::new();
+        for (seq, lease) in held {
+            by_lease.entry(*lease).or_default().push(*seq);
+        }
         let mut done = Vec::with_capacity(held.len());
-        for chunk in held.chunks(CHUNK) {
-            let cond = (0..chunk.len())
-                .map(|i| format!("(seq = ${} AND lease = ${})", 2 * i + 1, 2 * i + 2))
-                .collect::<Vec<_>>()
-                .join(" OR ");
-            let sql = format!("DELETE FROM courier_messages WHERE {cond} RETURNING seq");
-            on!(self, c => {
-                let mut q = sqlx::query_scalar::<_, i64>(&sql);
-                for (seq, lease) in chunk {
-                    q = q.bind(*seq).bind(*lease);
-                }
-                done.extend(q.fetch_all(&mut *c).await?);
-            });
+        for (lease, seqs) in by_lease {
+            for chunk in seqs.chunks(CHUNK) {
+                let sql = format!(
+                    "DELETE FROM courier_messages WHERE lease = {} AND seq IN ({}) RETURNING seq",
+                    params(self.dialect(), 1, 1),
+                    params(self.dialect(), 2, chunk.len())
+                );
+                on!(self, c => {
+                    let mut q = sqlx::query_scalar::<_, i64>(&sql).bind(lease);
+                    for seq in chunk {
+                        q = q.bind(*seq);
+                    }
+                    done.extend(q.fetch_all(&mut *c).await?);
+                });
+            }
         }
         self.delete_bodies(&done).await?;
         Ok(done)
     }
 
-    /// Ends a lease and makes the row visible at `visible`; false when the lease was lost.
-    pub async fn unlease(&mut self, seq: i64, lease: i64, visible: i64) -> DbResult<bool> {
-        on!(self, c => sqlx::query("UPDATE courier_messages SET lease = NULL, visible_ms = $3 WHERE seq = $1 AND lease = $2")
-            .bind(seq).bind(lease).bind(visible).execute(&mut *c).await.map(|r| r.rows_affected()))
+    /// Ends a lease and makes the row visible at `visible`, taking back the attempt the
+    /// receive counted when `uncount`; false when the lease was lost.
+    pub async fn unlease(&mut self, seq: i64, lease: i64, visible: i64, uncount: bool) -> DbResult<bool> {
+        let sql = if uncount {
+            "UPDATE courier_messages SET lease = NULL, visible_ms = $3, attempts = attempts - 1 WHERE seq = $1 AND lease = $2"
+        } else {
+            "UPDATE courier_messages SET lease = NULL, visible_ms = $3 WHERE seq = $1 AND lease = $2"
+        };
+        on!(self, c => sqlx::query(sql).bind(seq).bind(lease).bind(visible).execute(&mut *c).await.map(|r| r.rows_affected()))
             .map(|n| n == 1)
     }
 
@@ -505,8 +518,9 @@ impl Conn {
         on!(self, c => sqlx::query(&rows).bind(&key).bind(now).execute(&mut *c).await.map(|r| r.rows_affected()))
     }
 
-    /// Takes or renews the outbox relay lease for `holder`; false while another holds it.
-    pub async fn relay_lease(&mut self, holder: &str, lease: Duration) -> DbResult<bool> {
+    /// Takes or renews the outbox relay lease for `holder`; while another holds it, who
+    /// and until when.
+    pub async fn relay_lease(&mut self, holder: &str, lease: Duration) -> DbResult<Option<(String, i64)>> {
         let now = now_ms();
         on!(self, c => sqlx::query("INSERT INTO courier_meta (key, value) VALUES ('outbox_relay', '') ON CONFLICT (key) DO NOTHING")
             .execute(&mut *c).await.map(|r| r.rows_affected()))?;
@@ -515,13 +529,14 @@ impl Conn {
         let value: String = on!(self, c => sqlx::query_scalar(&sql).fetch_one(&mut *c).await?);
         // "HOLDER UNTIL_MS"
         let (current, until) = value.split_once(' ').unwrap_or(("", "0"));
-        if !current.is_empty() && current != holder && until.parse::<i64>().unwrap_or(0) > now {
-            return Ok(false);
+        let until = until.parse::<i64>().unwrap_or(0);
+        if !current.is_empty() && current != holder && until > now {
+            return Ok(Some((current.to_owned(), until)));
         }
         let value = format!("{holder} {}", after(now, lease));
         on!(self, c => sqlx::query("UPDATE courier_meta SET value = $1 WHERE key = 'outbox_relay'").bind(value)
             .execute(&mut *c).await.map(|r| r.rows_affected()))?;
-        Ok(true)
+        Ok(None)
     }
 
     /// The oldest rows of the outbox.
@@ -552,7 +567,7 @@ impl Conn {
 
     pub async fn outbox_delete(&mut self, seqs: &[i64]) -> DbResult<()> {
         for chunk in seqs.chunks(CHUNK) {
-            let list = (0..chunk.len()).map(|i| format!("${}", i + 1)).collect::<Vec<_>>().join(", ");
+            let list = params(self.dialect(), 1, chunk.len());
             let sql = format!("DELETE FROM courier_outbox WHERE seq IN ({list})");
             on!(self, c => {
                 let mut q = sqlx::query(&sql);
@@ -574,21 +589,35 @@ impl Conn {
     }
 }
 
-/// `($1, …, $cols, extra), ($cols+1, …)` for `rows` rows.
-fn placeholders(rows: usize, cols: usize, extra: &str) -> String {
-    let mut s = String::with_capacity(rows * cols * 5);
+/// `n` bind parameters from number `first`: `$first, …` for PostgreSQL, `?, …` for
+/// SQLite, whose driver looks each numbered parameter's name up in a list, which made a
+/// 1,400-parameter insert spend half its time there.
+fn params(dialect: Dialect, first: usize, n: usize) -> String {
+    let mut s = String::with_capacity(n * 6);
+    for i in 0..n {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        match dialect {
+            Dialect::Sqlite => s.push('?'),
+            Dialect::Postgres => {
+                s.push('$');
+                s.push_str(&(first + i).to_string());
+            }
+        }
+    }
+    s
+}
+
+/// `(p1, …, p_cols extra), (…)` for `rows` rows, numbered from 1.
+fn placeholders(dialect: Dialect, rows: usize, cols: usize, extra: &str) -> String {
+    let mut s = String::with_capacity(rows * (cols * 6 + 4));
     for r in 0..rows {
         if r > 0 {
             s.push_str(", ");
         }
         s.push('(');
-        for c in 0..cols {
-            if c > 0 {
-                s.push_str(", ");
-            }
-            s.push('$');
-            s.push_str(&(r * cols + c + 1).to_string());
-        }
+        s.push_str(&params(dialect, r * cols + 1, cols));
         s.push_str(extra);
         s.push(')');
     }
@@ -663,7 +692,6 @@ CREATE TABLE IF NOT EXISTS courier_bodies (
 );
 CREATE INDEX IF NOT EXISTS courier_messages_by_source ON courier_messages (source, seq);
 CREATE INDEX IF NOT EXISTS courier_messages_by_key ON courier_messages (source, ordering_key, seq) WHERE ordering_key IS NOT NULL;
-CREATE INDEX IF NOT EXISTS courier_messages_by_lease ON courier_messages (source, lease) WHERE lease IS NOT NULL;
 CREATE TABLE IF NOT EXISTS courier_sources (source TEXT PRIMARY KEY, topic TEXT, dead_lettered INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS courier_sources_by_topic ON courier_sources (topic);
 CREATE TABLE IF NOT EXISTS courier_dedup (
@@ -710,7 +738,6 @@ CREATE TABLE IF NOT EXISTS courier_bodies (
 );
 CREATE INDEX IF NOT EXISTS courier_messages_by_source ON courier_messages (source, seq);
 CREATE INDEX IF NOT EXISTS courier_messages_by_key ON courier_messages (source, ordering_key, seq) WHERE ordering_key IS NOT NULL;
-CREATE INDEX IF NOT EXISTS courier_messages_by_lease ON courier_messages (source, lease) WHERE lease IS NOT NULL;
 CREATE TABLE IF NOT EXISTS courier_sources (source TEXT PRIMARY KEY, topic TEXT, dead_lettered BIGINT NOT NULL);
 CREATE INDEX IF NOT EXISTS courier_sources_by_topic ON courier_sources (topic);
 CREATE TABLE IF NOT EXISTS courier_dedup (
@@ -741,6 +768,7 @@ mod tests {
 
     #[test]
     fn placeholders_number_every_value_once() {
-        assert_eq!(placeholders(2, 2, ", 0"), "($1, $2, 0), ($3, $4, 0)");
+        assert_eq!(placeholders(Dialect::Postgres, 2, 2, ", 0"), "($1, $2, 0), ($3, $4, 0)");
+        assert_eq!(placeholders(Dialect::Sqlite, 2, 2, ""), "(?, ?), (?, ?)");
     }
 }

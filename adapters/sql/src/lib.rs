@@ -85,6 +85,7 @@ use tokio::sync::Notify;
 
 use committer::{Committer, Op, Target};
 pub use config::{Location, SqlConfig, Synchronous};
+use db::Stored;
 
 /// The most deliveries one receive takes.
 const MAX_RECEIVE: usize = 1000;
@@ -202,6 +203,8 @@ impl Broker for SqlBroker {
             base,
             next: AtomicU32::new(0),
             open: OpenGuard::new("consumer"),
+            prefetch: options.prefetch,
+            ahead: Default::default(),
         }))
     }
 
@@ -247,6 +250,68 @@ struct SqlConsumer {
     base: i64,
     next: AtomicU32,
     open: OpenGuard,
+    prefetch: usize,
+    ahead: tokio::sync::Mutex<ReadAhead>,
+}
+
+/// Rows claimed for the next receive while the caller works on the last one, so the
+/// next claim shares a transaction with the acks of the last batch instead of waiting
+/// for one of its own.
+#[derive(Default)]
+struct ReadAhead {
+    ready: std::collections::VecDeque<(Stored, i64)>,
+    claimed_at: Option<tokio::time::Instant>,
+    pending: Option<(i64, tokio::sync::oneshot::Receiver<Result<committer::Claimed>>)>,
+}
+
+impl SqlConsumer {
+    fn token(&self) -> i64 {
+        self.base | i64::from(self.next.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn delivery(&self, stored: Stored, token: i64) -> Delivery {
+        let acker = SqlAcker {
+            committer: self.broker.committer.clone(),
+            settle: self.settle.clone(),
+            seq: stored.seq,
+            lease: token,
+            id: stored.message.id.clone(),
+        };
+        let attempt = u32::try_from(stored.attempts).unwrap_or(u32::MAX);
+        Delivery::new(stored.message, attempt, Box::new(acker))
+    }
+
+    /// Whether a full batch of `max` makes this consumer claim the next one ahead: for
+    /// callers taking batches (one at a time means one at a time) and with a prefetch.
+    fn reads_ahead(&self, max: usize) -> bool {
+        max > 1 && self.prefetch > 0
+    }
+
+    fn read_ahead(&self, ahead: &mut ReadAhead) {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let token = self.token();
+        let (source, policy, lease) = (self.key.clone(), self.settle.clone(), self.lease);
+        let max = self.prefetch.min(MAX_RECEIVE);
+        self.broker.committer.post(Op::Claim { source, max, lease, token, policy, reply });
+        ahead.pending = Some((token, answer));
+    }
+
+    /// Gives rows read ahead but never handed out back, uncounted: they were no attempt.
+    fn give_back(&self, rows: impl IntoIterator<Item = (Stored, i64)>) {
+        for (stored, lease) in rows {
+            let op = Op::Unlease { seq: stored.seq, lease, delay: Duration::ZERO, uncount: true, reply: None };
+            self.broker.committer.post(op);
+        }
+    }
+}
+
+impl Drop for SqlConsumer {
+    fn drop(&mut self) {
+        if let Ok(mut ahead) = self.ahead.try_lock() {
+            let rows: Vec<_> = ahead.ready.drain(..).collect();
+            self.give_back(rows);
+        }
+    }
 }
 
 #[async_trait]
@@ -258,33 +323,46 @@ impl Consumer for SqlConsumer {
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
         let deadline = tokio::time::Instant::now() + wait;
         let max = max.clamp(1, MAX_RECEIVE);
+        let mut ahead = self.ahead.lock().await;
         loop {
             self.open.check()?;
             self.broker.open.check()?;
+            if ahead.ready.is_empty() {
+                if let Some((token, answer)) = ahead.pending.take() {
+                    if let Ok(Ok(claimed)) = answer.await {
+                        ahead.ready.extend(claimed.taken.into_iter().map(|s| (s, token)));
+                        ahead.claimed_at = Some(tokio::time::Instant::now());
+                    }
+                }
+            }
+            // Read ahead long ago: the lease is half gone, so let it go rather than hand
+            // out a delivery about to expire.
+            if ahead.claimed_at.is_some_and(|at| at.elapsed() > self.lease / 2) {
+                let stale: Vec<_> = ahead.ready.drain(..).collect();
+                self.give_back(stale);
+            }
+            if !ahead.ready.is_empty() {
+                let n = max.min(ahead.ready.len());
+                let batch: Vec<(Stored, i64)> = ahead.ready.drain(..n).collect();
+                if ahead.ready.is_empty() && n == max && self.reads_ahead(max) {
+                    self.read_ahead(&mut ahead);
+                }
+                return Ok(batch.into_iter().map(|(stored, token)| self.delivery(stored, token)).collect());
+            }
             // Armed before looking, so a commit between the look and the wait still wakes us.
             let notified = self.broker.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let token = self.base | i64::from(self.next.fetch_add(1, Ordering::Relaxed));
+            let token = self.token();
             let (source, policy, lease) = (self.key.clone(), self.settle.clone(), self.lease);
             let claimed =
                 self.broker.committer.call(|reply| Op::Claim { source, max, lease, token, policy, reply }).await?;
             if !claimed.taken.is_empty() {
-                return Ok(claimed
-                    .taken
-                    .into_iter()
-                    .map(|stored| {
-                        let acker = SqlAcker {
-                            committer: self.broker.committer.clone(),
-                            settle: self.settle.clone(),
-                            seq: stored.seq,
-                            lease: token,
-                            id: stored.message.id.clone(),
-                        };
-                        let attempt = u32::try_from(stored.attempts).unwrap_or(u32::MAX);
-                        Delivery::new(stored.message, attempt, Box::new(acker))
-                    })
-                    .collect());
+                // A full batch: the source is busy, so claim the next one meanwhile.
+                if claimed.taken.len() == max && self.reads_ahead(max) {
+                    self.read_ahead(&mut ahead);
+                }
+                return Ok(claimed.taken.into_iter().map(|stored| self.delivery(stored, token)).collect());
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
@@ -304,6 +382,14 @@ impl Consumer for SqlConsumer {
 
     async fn close(&self) -> Result<()> {
         if self.open.close() {
+            let mut ahead = self.ahead.lock().await;
+            if let Some((token, answer)) = ahead.pending.take() {
+                if let Ok(Ok(claimed)) = answer.await {
+                    ahead.ready.extend(claimed.taken.into_iter().map(|s| (s, token)));
+                }
+            }
+            let rows: Vec<_> = ahead.ready.drain(..).collect();
+            self.give_back(rows);
             let (source, lo, hi) = (self.key.clone(), self.base, self.base | 0xffff_ffff);
             self.broker.committer.call(|reply| Op::HandBack { source, lo, hi, reply }).await?;
         }
@@ -342,7 +428,9 @@ impl Acknowledger for SqlAcker {
 
     async fn redeliver(&self, delay: Option<Duration>) -> Result<()> {
         let (seq, lease, delay) = (self.seq, self.lease, delay.unwrap_or_default());
-        self.held(self.committer.call(|reply| Op::Unlease { seq, lease, delay, reply: Some(reply) }).await?)
+        self.held(
+            self.committer.call(|reply| Op::Unlease { seq, lease, delay, uncount: false, reply: Some(reply) }).await?,
+        )
     }
 
     async fn dead_letter(&self, letter: &DeadLetter) -> Result<()> {
@@ -358,6 +446,12 @@ impl Acknowledger for SqlAcker {
     fn release(&self) {
         // Visible again now rather than after its lease; a delivery settled or expired
         // meanwhile matches no row, and nothing happens.
-        self.committer.post(Op::Unlease { seq: self.seq, lease: self.lease, delay: Duration::ZERO, reply: None });
+        self.committer.post(Op::Unlease {
+            seq: self.seq,
+            lease: self.lease,
+            delay: Duration::ZERO,
+            uncount: false,
+            reply: None,
+        });
     }
 }

@@ -231,14 +231,31 @@ impl Relay {
 
     /// Forwards what the outbox holds now, in batches, and returns when it is empty.
     /// Fails, keeping the rows, when the target cannot be reached; call again.
+    ///
+    /// While another relay holds the outbox (one that died holds it until its lease runs
+    /// out, at most 10 s), this waits for it; it fails if the other keeps renewing.
     pub async fn drain(&self) -> Result<RelayReport> {
         let mut report = RelayReport::default();
+        let started = tokio::time::Instant::now();
         loop {
-            let step = self.step().await?;
-            report.relayed += step.relayed;
-            report.dead_lettered += step.dead_lettered;
-            if step.relayed + step.dead_lettered == 0 {
-                return Ok(report);
+            match self.step().await? {
+                Step::Relayed(step) => {
+                    report.relayed += step.relayed;
+                    report.dead_lettered += step.dead_lettered;
+                    if step.relayed + step.dead_lettered == 0 {
+                        return Ok(report);
+                    }
+                }
+                Step::HeldBy { holder, until_ms } => {
+                    if started.elapsed() > 3 * RELAY_LEASE {
+                        return Err(Error::retryable(format!(
+                            "another outbox relay ({holder}) holds this outbox and keeps renewing its lease: it is relaying these rows; stop it to relay from here"
+                        )));
+                    }
+                    tracing::info!(%holder, "outbox relay: another relay holds the outbox; waiting for its lease");
+                    let left = until_ms.saturating_sub(crate::db::now_ms()).clamp(50, 1000);
+                    tokio::time::sleep(Duration::from_millis(left as u64)).await;
+                }
             }
         }
     }
@@ -251,7 +268,8 @@ impl Relay {
         let mut backoff = Duration::from_millis(100);
         loop {
             let pause = match self.step().await {
-                Ok(step) => {
+                Ok(Step::HeldBy { .. }) => poll,
+                Ok(Step::Relayed(step)) => {
                     backoff = Duration::from_millis(100);
                     report.relayed += step.relayed;
                     report.dead_lettered += step.dead_lettered;
@@ -276,12 +294,16 @@ impl Relay {
 
     /// One batch: take the lease, read the oldest rows, send them in order (consecutive
     /// rows to one destination as one batch), delete what was confirmed.
-    async fn step(&self) -> Result<RelayReport> {
+    async fn step(&self) -> Result<Step> {
         let (holder, batch) = (self.holder.clone(), self.batch);
-        let rows = self
+        let rows = match self
             .committer
             .call(|reply| crate::committer::Op::OutboxRead { holder, lease: RELAY_LEASE, max: batch, reply })
-            .await?;
+            .await?
+        {
+            OutboxBatch::Rows(rows) => rows,
+            OutboxBatch::HeldBy { holder, until_ms } => return Ok(Step::HeldBy { holder, until_ms }),
+        };
         let mut report = RelayReport::default();
         let mut confirmed: Vec<i64> = Vec::with_capacity(rows.len());
         let mut i = 0;
@@ -342,7 +364,7 @@ impl Relay {
             i = j;
         }
         self.delete(confirmed).await?;
-        Ok(report)
+        Ok(Step::Relayed(report))
     }
 
     async fn delete(&self, seqs: Vec<i64>) -> Result<()> {
@@ -356,16 +378,26 @@ impl Relay {
 /// One outbox row: its sequence number, destination and message.
 pub(crate) type OutboxRow = (i64, String, Message);
 
-/// Reads a relay's batch, taking or renewing the relay lease first; empty while another
-/// relay holds it.
+/// What a relay reads: the oldest rows, or who holds the outbox.
+pub(crate) enum OutboxBatch {
+    Rows(Vec<OutboxRow>),
+    HeldBy { holder: String, until_ms: i64 },
+}
+
+enum Step {
+    Relayed(RelayReport),
+    HeldBy { holder: String, until_ms: i64 },
+}
+
+/// Reads a relay's batch, taking or renewing the relay lease first.
 pub(crate) async fn read(
     conn: &mut crate::db::Conn,
     holder: &str,
     lease: Duration,
     max: usize,
-) -> std::result::Result<Vec<OutboxRow>, sqlx::Error> {
-    if !conn.relay_lease(holder, lease).await? {
-        return Ok(Vec::new());
+) -> std::result::Result<OutboxBatch, sqlx::Error> {
+    if let Some((holder, until_ms)) = conn.relay_lease(holder, lease).await? {
+        return Ok(OutboxBatch::HeldBy { holder, until_ms });
     }
-    conn.outbox_rows(max).await
+    Ok(OutboxBatch::Rows(conn.outbox_rows(max).await?))
 }

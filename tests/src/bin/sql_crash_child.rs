@@ -9,6 +9,8 @@
 //!   SKIP_FILE already reports as sent.
 //! - `sql_crash_child consume URL QUEUE LEASE_MS IDLE_MS OUT`: receives in batches of
 //!   100 and acks each delivery in turn, until nothing came for IDLE_MS.
+//! - `sql_crash_child relay FROM_URL TO_URL`: relays the outbox of FROM_URL's database to
+//!   the SQL backend TO_URL until the outbox is empty.
 #![forbid(unsafe_code)]
 
 use std::collections::HashSet;
@@ -30,7 +32,7 @@ fn record(out: &Out, event: &str, id: &str) {
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let usage =
-        "usage: sql_crash_child send URL QUEUE COUNT TAG OUT [SKIP_FILE] | consume URL QUEUE LEASE_MS IDLE_MS OUT";
+        "usage: sql_crash_child send URL QUEUE COUNT TAG OUT [SKIP_FILE] | consume URL QUEUE LEASE_MS IDLE_MS OUT | relay FROM_URL TO_URL";
     let open = |path: &str| -> Out {
         Arc::new(Mutex::new(
             std::fs::OpenOptions::new().create(true).append(true).open(path).expect("open the output file"),
@@ -94,6 +96,11 @@ async fn main() {
                     record(&out, "acked", d.id.as_str());
                 }
             }
+        }
+        [mode, from, to] if mode == "relay" => {
+            let target = SqlBroker::connect(to).await.unwrap_or_else(|e| panic!("connect: {e}"));
+            let relay = courier_sql::outbox::Relay::connect(from, Arc::new(target)).await.expect("relay");
+            relay.drain().await.expect("relay the outbox");
         }
         _ => {
             eprintln!("{usage}");
