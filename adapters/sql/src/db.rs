@@ -357,6 +357,35 @@ impl Conn {
              WHERE o.source = m.source AND o.ordering_key = m.ordering_key AND o.seq < m.seq)) \
              ORDER BY seq LIMIT $3{lock}"
         );
+        if self.dialect() == Dialect::Sqlite {
+            // One row, not one per candidate: sqlx hands each SQLite row over from its
+            // worker thread on its own, and on two cores those hand-overs cost more than
+            // the query. Rows whose lease ran out (rare) come with their attempts.
+            let sql = format!(
+                "SELECT group_concat(seq), group_concat(CASE WHEN lease IS NOT NULL THEN seq || ':' || lease || ':' || attempts END) \
+                 FROM ({sql})"
+            );
+            let (all, expired): (Option<String>, Option<String>) = on!(self, c => {
+                let row = sqlx::query(&sql).bind(source).bind(now).bind(max as i64).fetch_one(&mut *c).await?;
+                (row.try_get(0)?, row.try_get(1)?)
+            });
+            let mut expired_rows = std::collections::HashMap::new();
+            for item in expired.as_deref().unwrap_or("").split(',').filter(|s| !s.is_empty()) {
+                let mut parts = item.split(':').map(|p| p.parse::<i64>().unwrap_or(0));
+                let (seq, lease, attempts) = (parts.next(), parts.next(), parts.next());
+                expired_rows.insert(seq.unwrap_or(0), (lease.unwrap_or(0), attempts.unwrap_or(0)));
+            }
+            return Ok(all
+                .as_deref()
+                .unwrap_or("")
+                .split(',')
+                .filter_map(|s| s.parse::<i64>().ok())
+                .map(|seq| match expired_rows.get(&seq) {
+                    Some((lease, attempts)) => (seq, Some(*lease), *attempts),
+                    None => (seq, None, 0),
+                })
+                .collect());
+        }
         on!(self, c => {
             let rows = sqlx::query(&sql).bind(source).bind(now).bind(max as i64).fetch_all(&mut *c).await?;
             rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))).collect()
@@ -416,6 +445,33 @@ impl Conn {
                     params(self.dialect(), 1, 1),
                     params(self.dialect(), 2, chunk.len())
                 );
+                if self.dialect() == Dialect::Sqlite {
+                    // As in `candidates`: one row naming the rows held, then the delete.
+                    let held = format!(
+                        "SELECT group_concat(seq) FROM courier_messages WHERE lease = ? AND seq IN ({})",
+                        params(Dialect::Sqlite, 2, chunk.len())
+                    );
+                    let delete = format!(
+                        "DELETE FROM courier_messages WHERE lease = ? AND seq IN ({})",
+                        params(Dialect::Sqlite, 2, chunk.len())
+                    );
+                    let held: Option<String> = on!(self, c => {
+                        let mut q = sqlx::query_scalar(&held).bind(lease);
+                        for seq in chunk {
+                            q = q.bind(*seq);
+                        }
+                        q.fetch_one(&mut *c).await?
+                    });
+                    on!(self, c => {
+                        let mut q = sqlx::query(&delete).bind(lease);
+                        for seq in chunk {
+                            q = q.bind(*seq);
+                        }
+                        q.execute(&mut *c).await.map(|r| r.rows_affected())
+                    })?;
+                    done.extend(held.as_deref().unwrap_or("").split(',').filter_map(|s| s.parse::<i64>().ok()));
+                    continue;
+                }
                 on!(self, c => {
                     let mut q = sqlx::query_scalar::<_, i64>(&sql).bind(lease);
                     for seq in chunk {
