@@ -447,28 +447,82 @@ async fn apply(conn: &mut Conn, ops: &[Op], dedup_window: Duration) -> DbResult<
         answers[i] = Some(answer);
     }
 
-    // Receives last.
+    // Receives last, the receives of one source together: one look-up, one update and
+    // one read for all of them, whatever the number of consumers.
+    let mut by_source: Vec<(&str, Vec<usize>)> = Vec::new();
     for (i, op) in ops.iter().enumerate() {
-        let Op::Claim { source, max, lease, token, policy, .. } = op else { continue };
-        let candidates = conn.candidates(source, now, *max).await?;
-        let mut live = Vec::with_capacity(candidates.len());
-        for (seq, held, attempts) in candidates {
-            // Only the backend sees a lease run out, so it counts that attempt; core's
-            // policy says whether it was the last and builds the dead letter.
-            let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
-            if held.is_some() && policy.is_last(attempts) {
-                let letter = policy.gave_up(attempts, "max attempts reached on lease expiry");
-                conn.dead_letter(seq, None, &letter, now).await?;
-            } else {
-                live.push(seq);
+        if let Op::Claim { source, .. } = op {
+            match by_source.iter_mut().find(|(s, _)| *s == source.as_str()) {
+                Some((_, claims)) => claims.push(i),
+                None => by_source.push((source.as_str(), vec![i])),
             }
         }
-        let taken = if live.is_empty() { Vec::new() } else { conn.lease(&live, *token, after(now, *lease)).await? };
-        let next_visible = if taken.is_empty() { conn.next_visible(source, now).await? } else { None };
-        answers[i] = Some(Answer::Claimed(Claimed { taken, next_visible }));
+    }
+    for (source, claims) in by_source {
+        // Rounds of at most MAX_CLAIM rows, to keep each statement's values in bounds.
+        let mut rest = &claims[..];
+        while !rest.is_empty() {
+            let mut take = 0;
+            let mut rows = 0;
+            while take < rest.len() && (take == 0 || rows + claim_max(&ops[rest[take]]) <= MAX_CLAIM) {
+                rows += claim_max(&ops[rest[take]]);
+                take += 1;
+            }
+            let (round, later) = rest.split_at(take);
+            rest = later;
+            let mut candidates = conn.candidates(source, now, rows).await?.into_iter();
+            let mut grants: Vec<(Vec<i64>, i64, i64)> = Vec::with_capacity(round.len());
+            for &i in round {
+                let Op::Claim { max, lease, token, policy, .. } = &ops[i] else { unreachable!("grouped claims") };
+                let mut live = Vec::with_capacity(*max);
+                while live.len() < *max {
+                    let Some((seq, held, attempts)) = candidates.next() else { break };
+                    // Only the backend sees a lease run out, so it counts that attempt; core's
+                    // policy says whether it was the last and builds the dead letter.
+                    let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+                    if held.is_some() && policy.is_last(attempts) {
+                        let letter = policy.gave_up(attempts, "max attempts reached on lease expiry");
+                        conn.dead_letter(seq, None, &letter, now).await?;
+                    } else {
+                        live.push(seq);
+                    }
+                }
+                grants.push((live, *token, after(now, *lease)));
+            }
+            let mut owner = std::collections::HashMap::new();
+            for (g, (seqs, _, _)) in grants.iter().enumerate() {
+                for seq in seqs {
+                    owner.insert(*seq, g);
+                }
+            }
+            let mut taken: Vec<Vec<Stored>> = grants.iter().map(|_| Vec::new()).collect();
+            for stored in conn.lease_many(&grants).await? {
+                if let Some(g) = owner.get(&stored.seq) {
+                    taken[*g].push(stored);
+                }
+            }
+            let mut next_visible = None;
+            for (&i, taken) in round.iter().zip(taken) {
+                if taken.is_empty() && next_visible.is_none() {
+                    next_visible = Some(conn.next_visible(source, now).await?);
+                }
+                let next_visible = if taken.is_empty() { next_visible.flatten() } else { None };
+                answers[i] = Some(Answer::Claimed(Claimed { taken, next_visible }));
+            }
+        }
     }
 
     Ok(answers.into_iter().map(|a| a.expect("every operation answered")).collect())
+}
+
+/// Most rows one round of receives of a source takes.
+const MAX_CLAIM: usize = 1000;
+
+fn claim_max(op: &Op) -> usize {
+    match op {
+        Op::Claim { max, .. } => *max,
+        _ => 0,
+    }
 }
 
 fn destination_key(d: &Destination) -> String {

@@ -165,7 +165,8 @@ impl Conn {
                 // CREATE TABLE IF NOT EXISTS races with itself across sessions.
                 self.execute("SELECT pg_advisory_xact_lock(7450305110243)").await?;
             }
-            for statement in ddl.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            // Statements end a line with `;` (a trigger's body has `;` inside a line).
+            for statement in ddl.split(";\n").map(str::trim).filter(|s| !s.is_empty()) {
                 self.execute(statement).await?;
             }
             let version: Option<String> = on!(self, c => sqlx::query_scalar(
@@ -392,34 +393,66 @@ impl Conn {
         })
     }
 
-    /// Leases rows to `lease` until `until`, counting the delivery; returns them oldest first.
-    pub async fn lease(&mut self, seqs: &[i64], lease: i64, until: i64) -> DbResult<Vec<Stored>> {
-        let mut out = Vec::with_capacity(seqs.len());
-        for chunk in seqs.chunks(CHUNK) {
-            let (lease_p, until_p) = (params(self.dialect(), 1, 1), params(self.dialect(), 2, 1));
-            let list = params(self.dialect(), 3, chunk.len());
-            let update = format!(
-                "UPDATE courier_messages SET lease = {lease_p}, visible_ms = {until_p}, attempts = attempts + 1 WHERE seq IN ({list})"
-            );
-            let list = params(self.dialect(), 1, chunk.len());
-            let select = format!(
-                "SELECT {COLUMNS} FROM courier_messages m JOIN courier_bodies b ON b.seq = m.seq WHERE m.seq IN ({list})"
-            );
-            on!(self, c => {
-                let mut q = sqlx::query(&update).bind(lease).bind(until);
-                for seq in chunk {
-                    q = q.bind(*seq);
-                }
-                q.execute(&mut *c).await?;
-                let mut q = sqlx::query(&select);
-                for seq in chunk {
-                    q = q.bind(*seq);
-                }
-                for row in q.fetch_all(&mut *c).await? {
-                    out.push(stored_from_row!(&row));
-                }
-            });
+    /// Leases rows for several receivers at once, each `(seqs, lease token, until)`,
+    /// counting the delivery: one update and one read for all of them. Returns the rows
+    /// oldest first.
+    pub async fn lease_many(&mut self, grants: &[(Vec<i64>, i64, i64)]) -> DbResult<Vec<Stored>> {
+        let grants: Vec<&(Vec<i64>, i64, i64)> = grants.iter().filter(|g| !g.0.is_empty()).collect();
+        if grants.is_empty() {
+            return Ok(Vec::new());
         }
+        let dialect = self.dialect();
+        let mut n = 0;
+        let mut next = |count: usize| {
+            let list = params(dialect, n + 1, count);
+            n += count;
+            list
+        };
+        let mut lease_case = String::from("CASE");
+        for (seqs, _, _) in &grants {
+            lease_case.push_str(&format!(" WHEN seq IN ({}) THEN {}", next(seqs.len()), next(1)));
+        }
+        let mut until_case = String::from("CASE");
+        for (seqs, _, _) in &grants {
+            until_case.push_str(&format!(" WHEN seq IN ({}) THEN {}", next(seqs.len()), next(1)));
+        }
+        let all: Vec<i64> = grants.iter().flat_map(|g| g.0.iter().copied()).collect();
+        let update = format!(
+            "UPDATE courier_messages SET lease = {lease_case} ELSE lease END, visible_ms = {until_case} ELSE visible_ms END, \
+             attempts = attempts + 1 WHERE seq IN ({})",
+            next(all.len())
+        );
+        let select = format!(
+            "SELECT {COLUMNS} FROM courier_messages m JOIN courier_bodies b ON b.seq = m.seq WHERE m.seq IN ({})",
+            params(dialect, 1, all.len())
+        );
+        let mut out = Vec::with_capacity(all.len());
+        on!(self, c => {
+            let mut q = sqlx::query(&update);
+            for (seqs, lease, _) in &grants {
+                for seq in seqs {
+                    q = q.bind(*seq);
+                }
+                q = q.bind(*lease);
+            }
+            for (seqs, _, until) in &grants {
+                for seq in seqs {
+                    q = q.bind(*seq);
+                }
+                q = q.bind(*until);
+            }
+            for seq in &all {
+                q = q.bind(*seq);
+            }
+            q.execute(&mut *c).await?;
+            let mut q = sqlx::query(&select);
+            for seq in &all {
+                q = q.bind(*seq);
+            }
+            for row in q.fetch_all(&mut *c).await? {
+                out.push(stored_from_row!(&row));
+            }
+        });
         out.sort_unstable_by_key(|s| s.seq);
         Ok(out)
     }
@@ -438,40 +471,50 @@ impl Conn {
             by_lease.entry(*lease).or_default().push(*seq);
         }
         let mut done = Vec::with_capacity(held.len());
+        if self.dialect() == Dialect::Sqlite {
+            // One read naming the rows still held and one delete, for every lease token
+            // at once (sqlx hands each statement and each row to SQLite's thread and back;
+            // those hand-overs, not SQLite, are what a transaction costs). A trigger
+            // deletes the bodies.
+            let groups: Vec<(i64, Vec<i64>)> = by_lease.into_iter().collect();
+            for round in groups.chunks(8) {
+                let cond = round
+                    .iter()
+                    .map(|(_, seqs)| format!("(lease = ? AND seq IN ({}))", params(Dialect::Sqlite, 1, seqs.len())))
+                    .collect::<Vec<_>>()
+                    .join(" OR ");
+                let held_sql = format!("SELECT group_concat(seq) FROM courier_messages WHERE {cond}");
+                let delete_sql = format!("DELETE FROM courier_messages WHERE {cond}");
+                let held_now: Option<String> = on!(self, c => {
+                    let mut q = sqlx::query_scalar(&held_sql);
+                    for (lease, seqs) in round {
+                        q = q.bind(*lease);
+                        for seq in seqs {
+                            q = q.bind(*seq);
+                        }
+                    }
+                    q.fetch_one(&mut *c).await?
+                });
+                on!(self, c => {
+                    let mut q = sqlx::query(&delete_sql);
+                    for (lease, seqs) in round {
+                        q = q.bind(*lease);
+                        for seq in seqs {
+                            q = q.bind(*seq);
+                        }
+                    }
+                    q.execute(&mut *c).await.map(|r| r.rows_affected())
+                })?;
+                done.extend(held_now.as_deref().unwrap_or("").split(',').filter_map(|s| s.parse::<i64>().ok()));
+            }
+            return Ok(done);
+        }
         for (lease, seqs) in by_lease {
             for chunk in seqs.chunks(CHUNK) {
                 let sql = format!(
-                    "DELETE FROM courier_messages WHERE lease = {} AND seq IN ({}) RETURNING seq",
-                    params(self.dialect(), 1, 1),
-                    params(self.dialect(), 2, chunk.len())
+                    "DELETE FROM courier_messages WHERE lease = $1 AND seq IN ({}) RETURNING seq",
+                    params(Dialect::Postgres, 2, chunk.len())
                 );
-                if self.dialect() == Dialect::Sqlite {
-                    // As in `candidates`: one row naming the rows held, then the delete.
-                    let held = format!(
-                        "SELECT group_concat(seq) FROM courier_messages WHERE lease = ? AND seq IN ({})",
-                        params(Dialect::Sqlite, 2, chunk.len())
-                    );
-                    let delete = format!(
-                        "DELETE FROM courier_messages WHERE lease = ? AND seq IN ({})",
-                        params(Dialect::Sqlite, 2, chunk.len())
-                    );
-                    let held: Option<String> = on!(self, c => {
-                        let mut q = sqlx::query_scalar(&held).bind(lease);
-                        for seq in chunk {
-                            q = q.bind(*seq);
-                        }
-                        q.fetch_one(&mut *c).await?
-                    });
-                    on!(self, c => {
-                        let mut q = sqlx::query(&delete).bind(lease);
-                        for seq in chunk {
-                            q = q.bind(*seq);
-                        }
-                        q.execute(&mut *c).await.map(|r| r.rows_affected())
-                    })?;
-                    done.extend(held.as_deref().unwrap_or("").split(',').filter_map(|s| s.parse::<i64>().ok()));
-                    continue;
-                }
                 on!(self, c => {
                     let mut q = sqlx::query_scalar::<_, i64>(&sql).bind(lease);
                     for seq in chunk {
@@ -769,7 +812,8 @@ CREATE TABLE IF NOT EXISTS courier_outbox (
     created_us INTEGER NOT NULL,
     delay_ms INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS courier_processed (consumer TEXT NOT NULL, id TEXT NOT NULL, processed_us INTEGER NOT NULL, PRIMARY KEY (consumer, id))
+CREATE TABLE IF NOT EXISTS courier_processed (consumer TEXT NOT NULL, id TEXT NOT NULL, processed_us INTEGER NOT NULL, PRIMARY KEY (consumer, id));
+CREATE TRIGGER IF NOT EXISTS courier_bodies_follow AFTER DELETE ON courier_messages BEGIN DELETE FROM courier_bodies WHERE seq = old.seq; END
 ";
 
 const POSTGRES_SCHEMA: &str = "
