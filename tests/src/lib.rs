@@ -281,8 +281,21 @@ pub struct SqliteHarness;
 
 /// A path for a new SQLite test database named after `case`, in a directory of its own
 /// under the system's temporary directory (SQLite writes `-wal` and `-shm` files beside it).
+///
+/// A case cannot clean up after itself (the harness has no teardown), so each call first
+/// removes the directories of runs more than an hour old.
 pub fn sqlite_test_path(case: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join("courier-sqlite-tests").join(courier_core::conformance::unique_name(case));
+    let root = std::env::temp_dir().join("courier-sqlite-tests");
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for entry in entries.flatten() {
+            let old = entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < hour_ago);
+            if old {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let dir = root.join(courier_core::conformance::unique_name(case));
     std::fs::create_dir_all(&dir).expect("create the test database's directory");
     dir.join("queues.db")
 }

@@ -52,6 +52,19 @@ async fn drain_target(target: &DynBroker, queue: &str, within: Duration) -> Vec<
     }
 }
 
+/// Removes what a case made: its SQLite directory, or its PostgreSQL schema.
+async fn clean_up(url: &str) {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        if let Some(dir) = std::path::Path::new(path).parent() {
+            std::fs::remove_dir_all(dir).ok();
+        }
+    } else if let Some((base, schema)) = url.split_once("?options=-c%20search_path%3D") {
+        if let Ok(pool) = sqlx::PgPool::connect(base).await {
+            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&pool).await;
+        }
+    }
+}
+
 macro_rules! outbox_cases {
     ($module:ident, $pool:ty, $conn:ty, $url:expr) => {
         mod $module {
@@ -78,7 +91,7 @@ macro_rules! outbox_cases {
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_rolled_back_transaction_sends_nothing_and_a_committed_one_is_relayed_once_in_order() {
-                let (_url, pool, target, relay, queue) = setup("order").await;
+                let (url, pool, target, relay, queue) = setup("order").await;
                 relay.drain().await.unwrap(); // whatever earlier runs left
                 let to = Destination::queue(&queue).unwrap();
 
@@ -111,6 +124,8 @@ macro_rules! outbox_cases {
                 assert_eq!(relay.drain().await.unwrap().relayed, 0, "nothing left to relay");
 
                 let got = drain_target(&target, &queue, Duration::from_millis(200)).await;
+                drop((pool, relay));
+                clean_up(&url).await;
                 assert_eq!(got.len(), 1000, "each committed message exactly once, the rolled back one never");
                 assert!(got.iter().all(|m| m.id.as_str() != "rolled"));
                 let mut last: HashMap<String, i64> = HashMap::new();
@@ -125,7 +140,7 @@ macro_rules! outbox_cases {
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_message_delivered_three_times_has_one_effect() {
-                let (_url, pool, target, relay, queue) = setup("once").await;
+                let (url, pool, target, relay, queue) = setup("once").await;
                 let account = queue.clone();
                 sqlx::query("INSERT INTO app_balance (account, charged) VALUES ($1, 0)")
                     .bind(&account)
@@ -179,7 +194,8 @@ macro_rules! outbox_cases {
                 assert!(failed.is_err());
                 let again = outbox::once(&pool, "billing", &id, async |_tx: &mut $conn| Ok(())).await.unwrap();
                 assert_eq!(again, Processed::First);
-                drop(relay);
+                drop((pool, relay));
+                clean_up(&url).await;
             }
         }
     };
