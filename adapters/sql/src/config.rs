@@ -265,3 +265,43 @@ fn percent_encode(value: &str) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whatever a configuration file or an environment variable holds, reading it is an
+    /// error that says what is wrong, never a panic and never a guess.
+    #[test]
+    fn garbage_urls_are_clear_errors() {
+        for url in [
+            "sqlite://",
+            "sqlite://?synchronous=full",
+            "sqlite",
+            "sqlite:/q.db",
+            "mysql://db/app",
+            "sqlite://q.db?synchronous=sometimes",
+            "sqlite://q.db?poll_ms=0",
+            "sqlite://q.db?max_payload=-1",
+            "sqlite://q.db?poll_ms=5&poll_ms=6",
+            "postgres://db/app?sslmode=require&colour=red",
+            "postgres://db/app?%ff=1",
+        ] {
+            let err = SqlConfig::from_url(url).unwrap_err();
+            assert!(matches!(err, Error::Config { .. }), "{url}: {err:?}");
+            assert!(!err.to_string().is_empty());
+        }
+    }
+
+    #[test]
+    fn postgres_options_pass_through_encoded_and_passwords_stay_out_of_descriptions() {
+        let config =
+            SqlConfig::from_url("postgres://app:s3cret@db/shop?options=-c%20search_path%3Dx&poll_ms=50").unwrap();
+        assert_eq!(
+            config.location,
+            Location::Postgres("postgres://app:s3cret@db/shop?options=-c%20search_path%3Dx".into())
+        );
+        assert_eq!(config.poll, Duration::from_millis(50));
+        assert!(!config.describe().contains("s3cret"), "{}", config.describe());
+    }
+}

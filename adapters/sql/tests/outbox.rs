@@ -203,3 +203,44 @@ macro_rules! outbox_cases {
 
 outbox_cases!(sqlite, sqlx::SqlitePool, sqlx::SqliteConnection, sqlite_url_async);
 outbox_cases!(postgres, sqlx::PgPool, sqlx::PgConnection, postgres_url);
+
+/// Rows an application (or a hand-written migration) wrote badly cost only themselves: a
+/// destination that is no destination is dropped and counted, headers that are not JSON
+/// arrive empty, and the rows around them are relayed in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbage_outbox_row_costs_only_itself() {
+    let url = sqlite_url("garbage");
+    let target: DynBroker = Arc::new(LocalBroker::new());
+    let relay = Relay::connect(&url, target.clone()).await.unwrap();
+    let pool = sqlx::SqlitePool::connect(&url.replace("sqlite://", "sqlite:")).await.unwrap();
+    let queue = unique("garbage");
+    let to = Destination::queue(&queue).unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    outbox::add(&mut *tx, &to, Message::new("before").with_id("before")).await.unwrap();
+    let insert = "INSERT INTO courier_outbox (destination, id, payload, headers, created_us, delay_ms) VALUES ($1, $2, $3, $4, 0, 0)";
+    for (destination, id, headers) in [
+        ("nonsense", "no-destination", ""),
+        ("queue:has space", "bad-name", ""),
+        (to.to_string().as_str(), "bad-headers", "{not json"),
+    ] {
+        sqlx::query(insert)
+            .bind(destination)
+            .bind(id)
+            .bind(&b"\xff\x00"[..])
+            .bind(headers)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    outbox::add(&mut *tx, &to, Message::new("after").with_id("after")).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let report = relay.drain().await.unwrap();
+    assert_eq!((report.relayed, report.dead_lettered), (3, 2), "{report:?}");
+    let got = drain_target(&target, &queue, Duration::from_millis(200)).await;
+    let ids: Vec<&str> = got.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["before", "bad-headers", "after"]);
+    assert!(got[1].headers.is_empty(), "unreadable headers arrive empty: {:?}", got[1].headers);
+    drop((pool, relay));
+    clean_up(&url).await;
+}
