@@ -155,10 +155,7 @@ impl Conn {
     /// so processes starting together do not trip over each other.
     pub async fn migrate(&mut self, what: &str) -> courier_core::Result<()> {
         let backend = self.backend();
-        let ddl = match self.dialect() {
-            Dialect::Sqlite => SQLITE_SCHEMA,
-            Dialect::Postgres => POSTGRES_SCHEMA,
-        };
+        let ddl = schema(self.dialect());
         let result: DbResult<Option<String>> = async {
             self.begin().await?;
             if self.dialect() == Dialect::Postgres {
@@ -770,97 +767,71 @@ pub(crate) fn db_error(backend: &'static str, what: &str, e: &sqlx::Error) -> Er
     }
 }
 
-const SQLITE_SCHEMA: &str = "
+/// Courier's tables for either database: `{int}`, `{blob}` and `{serial}` stand for the
+/// database's 64-bit integer, byte string and auto-numbered key.
+const TABLES: &str = "
 CREATE TABLE IF NOT EXISTS courier_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS courier_messages (
-    seq INTEGER PRIMARY KEY,
+    seq {int} PRIMARY KEY,
     source TEXT NOT NULL,
     ordering_key TEXT,
-    visible_ms INTEGER NOT NULL,
-    attempts INTEGER NOT NULL,
-    lease INTEGER
+    visible_ms {int} NOT NULL,
+    attempts {int} NOT NULL,
+    lease {int}
 );
 CREATE TABLE IF NOT EXISTS courier_bodies (
-    seq INTEGER PRIMARY KEY,
+    seq {int} PRIMARY KEY,
     id TEXT NOT NULL,
-    payload BLOB NOT NULL,
+    payload {blob} NOT NULL,
     headers TEXT NOT NULL,
     content_type TEXT,
     dedup_id TEXT,
-    created_us INTEGER NOT NULL
+    created_us {int} NOT NULL
 );
 CREATE INDEX IF NOT EXISTS courier_messages_by_source ON courier_messages (source, seq);
 CREATE INDEX IF NOT EXISTS courier_messages_by_key ON courier_messages (source, ordering_key, seq) WHERE ordering_key IS NOT NULL;
-CREATE TABLE IF NOT EXISTS courier_sources (source TEXT PRIMARY KEY, topic TEXT, dead_lettered INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS courier_sources (source TEXT PRIMARY KEY, topic TEXT, dead_lettered {int} NOT NULL);
 CREATE INDEX IF NOT EXISTS courier_sources_by_topic ON courier_sources (topic);
 CREATE TABLE IF NOT EXISTS courier_dedup (
     destination TEXT NOT NULL,
     dedup_id TEXT NOT NULL,
     id TEXT NOT NULL,
-    expires_ms INTEGER NOT NULL,
+    expires_ms {int} NOT NULL,
     PRIMARY KEY (destination, dedup_id)
 );
 CREATE TABLE IF NOT EXISTS courier_outbox (
-    seq INTEGER PRIMARY KEY,
+    seq {serial},
     destination TEXT NOT NULL,
     id TEXT NOT NULL,
-    payload BLOB NOT NULL,
+    payload {blob} NOT NULL,
     headers TEXT NOT NULL,
     ordering_key TEXT,
     content_type TEXT,
     dedup_id TEXT,
-    created_us INTEGER NOT NULL,
-    delay_ms INTEGER NOT NULL
+    created_us {int} NOT NULL,
+    delay_ms {int} NOT NULL
 );
-CREATE TABLE IF NOT EXISTS courier_processed (consumer TEXT NOT NULL, id TEXT NOT NULL, processed_us INTEGER NOT NULL, PRIMARY KEY (consumer, id));
-CREATE TRIGGER IF NOT EXISTS courier_bodies_follow AFTER DELETE ON courier_messages BEGIN DELETE FROM courier_bodies WHERE seq = old.seq; END
+CREATE TABLE IF NOT EXISTS courier_processed (consumer TEXT NOT NULL, id TEXT NOT NULL, processed_us {int} NOT NULL, PRIMARY KEY (consumer, id));
 ";
 
-const POSTGRES_SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS courier_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE SEQUENCE IF NOT EXISTS courier_seq;
-CREATE TABLE IF NOT EXISTS courier_messages (
-    seq BIGINT PRIMARY KEY,
-    source TEXT NOT NULL,
-    ordering_key TEXT,
-    visible_ms BIGINT NOT NULL,
-    attempts BIGINT NOT NULL,
-    lease BIGINT
-);
-CREATE TABLE IF NOT EXISTS courier_bodies (
-    seq BIGINT PRIMARY KEY,
-    id TEXT NOT NULL,
-    payload BYTEA NOT NULL,
-    headers TEXT NOT NULL,
-    content_type TEXT,
-    dedup_id TEXT,
-    created_us BIGINT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS courier_messages_by_source ON courier_messages (source, seq);
-CREATE INDEX IF NOT EXISTS courier_messages_by_key ON courier_messages (source, ordering_key, seq) WHERE ordering_key IS NOT NULL;
-CREATE TABLE IF NOT EXISTS courier_sources (source TEXT PRIMARY KEY, topic TEXT, dead_lettered BIGINT NOT NULL);
-CREATE INDEX IF NOT EXISTS courier_sources_by_topic ON courier_sources (topic);
-CREATE TABLE IF NOT EXISTS courier_dedup (
-    destination TEXT NOT NULL,
-    dedup_id TEXT NOT NULL,
-    id TEXT NOT NULL,
-    expires_ms BIGINT NOT NULL,
-    PRIMARY KEY (destination, dedup_id)
-);
-CREATE TABLE IF NOT EXISTS courier_outbox (
-    seq BIGSERIAL PRIMARY KEY,
-    destination TEXT NOT NULL,
-    id TEXT NOT NULL,
-    payload BYTEA NOT NULL,
-    headers TEXT NOT NULL,
-    ordering_key TEXT,
-    content_type TEXT,
-    dedup_id TEXT,
-    created_us BIGINT NOT NULL,
-    delay_ms BIGINT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS courier_processed (consumer TEXT NOT NULL, id TEXT NOT NULL, processed_us BIGINT NOT NULL, PRIMARY KEY (consumer, id))
-";
+/// SQLite deletes a body with its row (PostgreSQL's statements delete both).
+const SQLITE_TRIGGER: &str =
+    "CREATE TRIGGER IF NOT EXISTS courier_bodies_follow AFTER DELETE ON courier_messages BEGIN DELETE FROM courier_bodies WHERE seq = old.seq; END\n";
+
+/// The schema statements for `dialect`, each ending its line with `;`.
+fn schema(dialect: Dialect) -> String {
+    let typed = |int: &str, blob: &str, serial: &str| {
+        TABLES.replace("{serial}", serial).replace("{int}", int).replace("{blob}", blob)
+    };
+    match dialect {
+        // INTEGER PRIMARY KEY is SQLite's row id: the fastest key it has.
+        Dialect::Sqlite => typed("INTEGER", "BLOB", "INTEGER PRIMARY KEY") + SQLITE_TRIGGER,
+        Dialect::Postgres => {
+            "CREATE SEQUENCE IF NOT EXISTS courier_seq;\n".to_owned()
+                + &typed("BIGINT", "BYTEA", "BIGSERIAL PRIMARY KEY")
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {
