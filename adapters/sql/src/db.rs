@@ -326,9 +326,14 @@ impl Conn {
     }
 
     async fn delete_bodies(&mut self, seqs: &[i64]) -> DbResult<()> {
+        self.delete_seqs("courier_bodies", seqs).await
+    }
+
+    /// Deletes the rows of `table` whose `seq` is one of `seqs`.
+    async fn delete_seqs(&mut self, table: &'static str, seqs: &[i64]) -> DbResult<()> {
         for chunk in seqs.chunks(CHUNK) {
             let list = params(self.dialect(), 1, chunk.len());
-            let sql = format!("DELETE FROM courier_bodies WHERE seq IN ({list})");
+            let sql = format!("DELETE FROM {table} WHERE seq IN ({list})");
             on!(self, c => {
                 let mut q = sqlx::query(&sql);
                 for seq in chunk {
@@ -662,18 +667,7 @@ impl Conn {
     }
 
     pub async fn outbox_delete(&mut self, seqs: &[i64]) -> DbResult<()> {
-        for chunk in seqs.chunks(CHUNK) {
-            let list = params(self.dialect(), 1, chunk.len());
-            let sql = format!("DELETE FROM courier_outbox WHERE seq IN ({list})");
-            on!(self, c => {
-                let mut q = sqlx::query(&sql);
-                for seq in chunk {
-                    q = q.bind(*seq);
-                }
-                q.execute(&mut *c).await.map(|r| r.rows_affected())
-            })?;
-        }
-        Ok(())
+        self.delete_seqs("courier_outbox", seqs).await
     }
 
     /// Wakes consumers in other sessions (PostgreSQL `NOTIFY`, sent at commit).
