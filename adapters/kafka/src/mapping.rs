@@ -5,7 +5,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use courier_core::{Message, MessageId};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::Message as _;
 
 /// The message id (Kafka records have none).
 pub(crate) const ID: &str = "courier-id";
@@ -85,8 +84,10 @@ impl Received {
 
 /// A received record as a Courier message. Records from other producers have no
 /// `courier-id`: the CloudEvents `ce_id` is used, else `topic-partition-offset`, so
-/// redeliveries of one record keep one id.
-pub(crate) fn received(record: &rdkafka::message::BorrowedMessage<'_>) -> Received {
+/// redeliveries of one record keep one id. Generic over rdkafka's record types so that
+/// the mapping is property-tested on records built in memory, as well as run on the
+/// ones librdkafka lends.
+pub(crate) fn received<M: rdkafka::Message>(record: &M) -> Received {
     let mut message = Message::new(Bytes::copy_from_slice(record.payload().unwrap_or_default()));
     let mut id = None;
     let mut ce_id = None;
@@ -155,6 +156,7 @@ pub(crate) fn read_headers<H: Headers>(headers: &H) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy as _;
 
     proptest::proptest! {
         /// What Courier writes as record headers reads back as it went: the id, the
@@ -186,6 +188,101 @@ mod tests {
             expected.extend(message.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
             expected.push((ATTEMPT.to_owned(), attempt));
             proptest::prop_assert_eq!(read, expected);
+        }
+    }
+
+    /// A record as the send path writes it for `message` (the same headers, key and
+    /// timestamp), held in memory as librdkafka would hand it back.
+    fn as_record(message: &Message, partition: i32, offset: i64) -> rdkafka::message::OwnedMessage {
+        rdkafka::message::OwnedMessage::new(
+            Some(message.payload.to_vec()),
+            message.ordering_key.as_ref().map(|k| k.clone().into_bytes()),
+            "orders".to_owned(),
+            rdkafka::Timestamp::CreateTime(timestamp_ms(message)),
+            partition,
+            offset,
+            Some(super::headers(message, &[])),
+        )
+    }
+
+    /// Names Courier writes itself; a header of the same name is not the message's own.
+    fn reserved(name: &str) -> bool {
+        [ID, CONTENT_TYPE, ATTEMPT, NOT_BEFORE].contains(&name) || name.contains('\0')
+    }
+
+    proptest::proptest! {
+        /// A whole message round-trips through a record: payload (any bytes), id,
+        /// content type, headers, ordering key and the timestamp to the millisecond.
+        #[test]
+        fn a_message_round_trips_through_a_record(
+            payload in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+            id in ".{1,40}",
+            content_type in proptest::option::of(".{0,40}"),
+            headers in proptest::collection::btree_map(".{0,20}", ".{0,60}", 0..6),
+            key in proptest::option::of(".{0,30}"),
+            ms in 0u64..=4_102_444_800_000, // up to the year 2100
+            partition in 0i32..1000,
+            offset in 0i64..i64::MAX,
+        ) {
+            let mut message = Message::new(payload.clone()).with_id(id.as_str());
+            message.content_type = content_type.clone();
+            message.ordering_key = key.clone();
+            message.timestamp = UNIX_EPOCH + Duration::from_millis(ms) + Duration::from_micros(999);
+            message.headers = headers.into_iter().filter(|(k, _)| !reserved(k)).collect();
+            let mut read = received(&as_record(&message, partition, offset));
+            read.as_data(); // as on the source topic
+            proptest::prop_assert_eq!(&read.message.payload[..], &payload[..]);
+            proptest::prop_assert_eq!(read.message.id.as_str(), id.as_str());
+            proptest::prop_assert_eq!(&read.message.content_type, &content_type);
+            proptest::prop_assert_eq!(&read.message.headers, &message.headers);
+            proptest::prop_assert_eq!(&read.message.ordering_key, &key);
+            proptest::prop_assert_eq!(read.message.timestamp, UNIX_EPOCH + Duration::from_millis(ms));
+            proptest::prop_assert_eq!((read.attempt, read.not_before), (1, None));
+        }
+
+        /// Whatever a foreign producer writes (any payload, key, header values, any
+        /// timestamp, Courier's own header names with any value) maps without a panic
+        /// to a message with an id, its payload as it came; on the source topic nothing
+        /// of it is control.
+        #[test]
+        fn any_record_maps_to_a_message(
+            payload in proptest::option::of(proptest::collection::vec(proptest::num::u8::ANY, 0..200)),
+            key in proptest::option::of(proptest::collection::vec(proptest::num::u8::ANY, 0..40)),
+            headers in proptest::collection::vec(
+                (
+                    proptest::prop_oneof![
+                        proptest::strategy::Just(ID.to_owned()),
+                        proptest::strategy::Just(CONTENT_TYPE.to_owned()),
+                        proptest::strategy::Just(ATTEMPT.to_owned()),
+                        proptest::strategy::Just(NOT_BEFORE.to_owned()),
+                        proptest::strategy::Just(CE_ID.to_owned()),
+                        "[^\\x00]{0,20}",
+                    ],
+                    proptest::option::of(proptest::collection::vec(proptest::num::u8::ANY, 0..40)),
+                ),
+                0..8,
+            ),
+            timestamp in proptest::prop_oneof![
+                proptest::strategy::Just(rdkafka::Timestamp::NotAvailable),
+                proptest::num::i64::ANY.prop_map(rdkafka::Timestamp::CreateTime),
+                proptest::num::i64::ANY.prop_map(rdkafka::Timestamp::LogAppendTime),
+            ],
+            partition in proptest::num::i32::ANY,
+            offset in proptest::num::i64::ANY,
+        ) {
+            let mut owned = OwnedHeaders::new();
+            for (name, value) in &headers {
+                owned = owned.insert(Header { key: name.as_str(), value: value.as_deref() });
+            }
+            let record = rdkafka::message::OwnedMessage::new(
+                payload.clone(), key, "orders".to_owned(), timestamp, partition, offset, Some(owned),
+            );
+            let mut read = received(&record);
+            proptest::prop_assert!(!read.message.id.as_str().is_empty());
+            proptest::prop_assert!(read.attempt >= 1);
+            proptest::prop_assert_eq!(&read.message.payload[..], payload.as_deref().unwrap_or_default());
+            read.as_data();
+            proptest::prop_assert_eq!((read.attempt, read.not_before), (1, None));
         }
     }
 
