@@ -59,6 +59,8 @@
 
 mod config;
 mod handler;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod idempotent;
 mod trace;
 #[cfg(feature = "trigger")]
 pub mod trigger;
@@ -78,6 +80,8 @@ pub use handler::{
     handler_service, BatchHandler, Context, FromIncoming, FromIncomingRef, Handler, HandlerFuture, HandlerService,
     Incoming, IntoOutcome, Json, Outcome,
 };
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use idempotent::{idempotent, Idempotent};
 pub use trace::TraceParent;
 pub use worker::{shutdown_signal, App, RouteOptions, RunReport};
 

@@ -86,6 +86,8 @@ use tokio::sync::Notify;
 use committer::{Committer, Op, Target};
 pub use config::{Location, SqlConfig, Synchronous};
 use db::Stored;
+/// The sqlx this crate is built with, whose pools and transactions its outbox API takes.
+pub use sqlx;
 
 /// The most deliveries one receive takes.
 const MAX_RECEIVE: usize = 1000;

@@ -167,15 +167,51 @@ where
     DB::Connection: OutboxConnection,
     F: AsyncFnOnce(&mut DB::Connection) -> Result<()>,
 {
-    let backend = if DB::NAME == "PostgreSQL" { "postgres" } else { "sqlite" };
+    let Some(mut tx) = begin_once(pool, consumer, id).await? else { return Ok(Processed::AlreadyDone) };
+    work(&mut tx).await?;
+    commit(tx).await?;
+    Ok(Processed::First)
+}
+
+/// Begins a transaction that records `id` as processed by `consumer`, or answers `None`
+/// when that record exists: the message had its effect already. Commit the transaction
+/// with the handler's own writes (see [`commit`]); dropped, it rolls back, record
+/// included, and the message can be processed again. [`once`] is this around a closure.
+///
+/// While one transaction holds a record, another trying the same id waits for it to end
+/// (PostgreSQL: the unique index; SQLite: the write lock), so two workers given the same
+/// message at once cannot both go ahead.
+pub async fn begin_once<DB>(
+    pool: &sqlx::Pool<DB>,
+    consumer: &str,
+    id: &MessageId,
+) -> Result<Option<sqlx::Transaction<'static, DB>>>
+where
+    DB: sqlx::Database,
+    DB::Connection: OutboxConnection,
+{
+    let backend = backend_of::<DB>();
     let mut tx =
         pool.begin().await.map_err(|e| Error::transient(backend, format!("cannot begin a transaction: {e}"), e))?;
     if !tx.record_processed(consumer, id.as_str()).await.map_err(|e| tables_missing(backend, e))? {
-        return Ok(Processed::AlreadyDone);
+        return Ok(None);
     }
-    work(&mut tx).await?;
-    tx.commit().await.map_err(|e| Error::transient(backend, format!("cannot commit: {e}"), e))?;
-    Ok(Processed::First)
+    Ok(Some(tx))
+}
+
+/// Commits a transaction begun by [`begin_once`]; a failure is transient (the message
+/// can be processed again, as nothing of it was kept).
+pub async fn commit<DB: sqlx::Database>(tx: sqlx::Transaction<'static, DB>) -> Result<()> {
+    let backend = backend_of::<DB>();
+    tx.commit().await.map_err(|e| Error::transient(backend, format!("cannot commit: {e}"), e))
+}
+
+fn backend_of<DB: sqlx::Database>() -> &'static str {
+    if DB::NAME == "PostgreSQL" {
+        "postgres"
+    } else {
+        "sqlite"
+    }
 }
 
 /// Counts of a relay's work.
