@@ -2,7 +2,9 @@
 //! SIGKILL in the middle of their work, on `sqlite://` and on `postgres://`. After each
 //! restart every message whose send returned Ok is delivered, no message whose ack
 //! returned Ok comes back, and duplicates are counted and bounded by what was in flight.
-//! Several processes consuming one queue at once handle no message twice.
+//! A worker process killed likewise loses nothing; several processes consuming one
+//! queue at once handle no message twice; an outbox relay killed between a send and
+//! its delete sends that batch again and nothing else.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -116,6 +118,42 @@ async fn crash_twice_lose_nothing(url: &str, case: &str) {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A worker process (the runtime, concurrency 4, one message per fetch) killed with
+/// SIGKILL mid-run, then a new one: every confirmed send is handled, and only what the
+/// killed worker held (at most its 4 leases) is handled again.
+async fn a_killed_worker_loses_nothing(url: &str, case: &str) {
+    const WORKER_IN_FLIGHT: usize = 4;
+    let queue = unique_name(case);
+    let dir = out_dir(case);
+    let out = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let (sent, run_1, run_2) = (out("sent"), out("work-1"), out("work-2"));
+    finish(child(&["send", url, &queue, &MESSAGES.to_string(), "a", &sent])).await;
+    kill_after(child(&["work", url, &queue, "2000", "4000", &run_1]), Path::new(&run_1), "got ", 4_050).await;
+    finish(child(&["work", url, &queue, "2000", "4000", &run_2])).await;
+
+    let sent: HashSet<String> = events(Path::new(&sent), "sent ").into_iter().collect();
+    assert_eq!(sent.len(), MESSAGES);
+    let (got_1, got_2) = (events(Path::new(&run_1), "got "), events(Path::new(&run_2), "got "));
+    let first: HashSet<&String> = got_1.iter().collect();
+    let lost: Vec<&String> = sent.iter().filter(|id| !first.contains(id) && !got_2.contains(id)).collect();
+    assert!(lost.is_empty(), "{} confirmed sends never handled: {:?}", lost.len(), &lost[..lost.len().min(5)]);
+    let again: Vec<&String> = got_2.iter().filter(|id| first.contains(id)).collect();
+    let twice_in_one_run = got_1.len() - first.len() + got_2.len() - got_2.iter().collect::<HashSet<_>>().len();
+    println!(
+        "{case}: {} handled before the kill, {} after; {} handled again after the kill (bound {WORKER_IN_FLIGHT}), {twice_in_one_run} twice within one run",
+        got_1.len(),
+        got_2.len(),
+        again.len()
+    );
+    assert!(
+        again.len() <= WORKER_IN_FLIGHT,
+        "{} handled again: more than the killed worker held: {again:?}",
+        again.len()
+    );
+    assert_eq!(twice_in_one_run, 0, "no message handled twice while its lease held");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 async fn competing_processes_handle_each_message_once(url: &str, case: &str) {
     let queue = unique_name(case);
     let dir = out_dir(case);
@@ -170,16 +208,47 @@ async fn an_outbox_relay_killed_mid_batch_loses_nothing() {
         tx.commit().await.unwrap();
     }
 
+    // Killed in the window that matters: after the target confirmed a batch, before its
+    // rows left the outbox. The test takes the application database's write lock, so the
+    // relay stops at its next write: the delete after a send (the window), or the read of
+    // its next batch (before sending: tried again). SQLite's busy timeout is 5 s, well
+    // above how long the lock is held.
     let mut relay = child(&["relay", &app, &target]);
     let source = Source::queue(&queue).unwrap();
+    let depth = async || target_broker.stats(&source).await.unwrap().depth as usize;
     let started = tokio::time::Instant::now();
-    while target_broker.stats(&source).await.unwrap().depth < 1_000 {
+    while depth().await < 1_000 {
         assert!(relay.try_wait().unwrap().is_none(), "the relay ended before it was killed");
         assert!(started.elapsed() < Duration::from_secs(120), "the relay made no progress");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    relay.kill().await.unwrap();
-    let at_kill = target_broker.stats(&source).await.unwrap().depth;
+    let mut lock = pool.acquire().await.unwrap();
+    let (at_kill, in_outbox) = loop {
+        assert!(relay.try_wait().unwrap().is_none(), "the relay ended before it was killed");
+        assert!(started.elapsed() < Duration::from_secs(120), "the relay was never caught between send and delete");
+        sqlx::query("BEGIN IMMEDIATE").execute(&mut *lock).await.unwrap();
+        // Until the target stops growing: the relay waits on the lock now.
+        let mut seen = depth().await;
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = depth().await;
+            if now == seen {
+                break;
+            }
+            seen = now;
+        }
+        let in_outbox: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM courier_outbox").fetch_one(&mut *lock).await.unwrap();
+        if seen + in_outbox as usize > ROWS {
+            relay.kill().await.unwrap();
+            sqlx::query("ROLLBACK").execute(&mut *lock).await.unwrap();
+            break (seen, in_outbox);
+        }
+        sqlx::query("ROLLBACK").execute(&mut *lock).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(u64::from(started.elapsed().subsec_nanos() % 40))).await;
+    };
+    drop(lock);
+    let sent_not_deleted = at_kill + in_outbox as usize - ROWS;
     finish(child(&["relay", &app, &target])).await;
 
     let consumer = target_broker.consumer(&source, ConsumerOptions::default()).await.unwrap();
@@ -202,7 +271,11 @@ async fn an_outbox_relay_killed_mid_batch_loses_nothing() {
         &missing[..missing.len().min(5)]
     );
     let duplicates: usize = copies.values().map(|n| n - 1).sum();
-    println!("outbox relay killed with {at_kill} messages at the target: {ROWS} rows relayed, {duplicates} sent twice (bound {RELAY_BATCH})");
+    println!(
+        "outbox relay killed between send and delete, {at_kill} messages at the target, {sent_not_deleted} of them still in the outbox: \
+         {ROWS} rows relayed, {duplicates} sent twice (bound {RELAY_BATCH})"
+    );
+    assert_eq!(duplicates, sent_not_deleted, "what was sent and not yet deleted is sent again, and nothing else");
     assert!(duplicates <= RELAY_BATCH, "{duplicates} duplicates: more than one relay batch");
 }
 
@@ -228,4 +301,14 @@ async fn processes_sharing_a_sqlite_file_handle_each_message_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processes_sharing_a_postgres_queue_handle_each_message_once() {
     competing_processes_handle_each_message_once(&postgres_url(), "postgres-share").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_worker_killed_with_kill_9_loses_nothing() {
+    a_killed_worker_loses_nothing(&sqlite_url("sqlite-worker-crash"), "sqlite-worker-crash").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_worker_killed_with_kill_9_loses_nothing() {
+    a_killed_worker_loses_nothing(&postgres_url(), "postgres-worker-crash").await;
 }

@@ -9,6 +9,8 @@
 //!   SKIP_FILE already reports as sent.
 //! - `sql_crash_child consume URL QUEUE LEASE_MS IDLE_MS OUT`: receives in batches of
 //!   100 and acks each delivery in turn, until nothing came for IDLE_MS.
+//! - `sql_crash_child work URL QUEUE LEASE_MS IDLE_MS OUT`: a worker (`App`, one route,
+//!   concurrency 4) whose handler records each delivery, until nothing came for IDLE_MS.
 //! - `sql_crash_child relay FROM_URL TO_URL`: relays the outbox of FROM_URL's database to
 //!   the SQL backend TO_URL until the outbox is empty.
 #![forbid(unsafe_code)]
@@ -32,7 +34,7 @@ fn record(out: &Out, event: &str, id: &str) {
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let usage =
-        "usage: sql_crash_child send URL QUEUE COUNT TAG OUT [SKIP_FILE] | consume URL QUEUE LEASE_MS IDLE_MS OUT | relay FROM_URL TO_URL";
+        "usage: sql_crash_child send URL QUEUE COUNT TAG OUT [SKIP_FILE] | consume URL QUEUE LEASE_MS IDLE_MS OUT | work URL QUEUE LEASE_MS IDLE_MS OUT | relay FROM_URL TO_URL";
     let open = |path: &str| -> Out {
         Arc::new(Mutex::new(
             std::fs::OpenOptions::new().create(true).append(true).open(path).expect("open the output file"),
@@ -96,6 +98,34 @@ async fn main() {
                     record(&out, "acked", d.id.as_str());
                 }
             }
+        }
+        [mode, url, queue, lease_ms, idle_ms, out] if mode == "work" => {
+            let broker: courier_core::DynBroker =
+                Arc::new(SqlBroker::connect(url).await.unwrap_or_else(|e| panic!("connect: {e}")));
+            let out = open(out);
+            let lease = Duration::from_millis(lease_ms.parse().expect(usage));
+            let idle = Duration::from_millis(idle_ms.parse().expect(usage));
+            let last = Arc::new(Mutex::new(tokio::time::Instant::now()));
+            let handler = {
+                let (out, last) = (out.clone(), last.clone());
+                move |message: Message| {
+                    let (out, last) = (out.clone(), last.clone());
+                    async move {
+                        record(&out, "got", message.id.as_str());
+                        *last.lock().unwrap() = tokio::time::Instant::now();
+                    }
+                }
+            };
+            let options = courier::RouteOptions::default().concurrency(4).lease(lease);
+            courier::App::new(broker)
+                .route_with(Source::queue(queue).expect("queue name"), handler, options)
+                .run_until(async move {
+                    while last.lock().unwrap().elapsed() < idle {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                })
+                .await
+                .expect("the worker ran to the end");
         }
         [mode, from, to] if mode == "relay" => {
             let target = SqlBroker::connect(to).await.unwrap_or_else(|e| panic!("connect: {e}"));
