@@ -329,3 +329,47 @@ impl Harness for PostgresHarness {
         Ok(Arc::new(broker))
     }
 }
+
+/// The payload the worker tests send: `{"n": N}`.
+#[derive(Debug, serde::Deserialize)]
+struct Order {
+    n: usize,
+}
+
+/// Runs `app` with one route on `source` whose handler records the `n` of every
+/// `{"n": N}` it is given (anything else fails to decode and is dead-lettered), until
+/// `expected` distinct numbers are seen or `within` passes, then `after` more, so the
+/// last settlements (dead letters, hand-backs) finish. Returns the numbers seen and how
+/// the run ended.
+pub async fn run_recording_orders(
+    app: courier::App,
+    source: courier_core::Source,
+    options: courier::RouteOptions,
+    expected: usize,
+    within: std::time::Duration,
+    after: std::time::Duration,
+) -> (std::collections::HashSet<usize>, Result<courier::RunReport>) {
+    use std::sync::Mutex;
+    let handled = Arc::new(Mutex::new(std::collections::HashSet::new()));
+    let seen = handled.clone();
+    let handler = move |courier::Json(order): courier::Json<Order>| {
+        let seen = seen.clone();
+        async move {
+            seen.lock().unwrap().insert(order.n);
+            Ok::<(), courier_core::Error>(())
+        }
+    };
+    let watch = handled.clone();
+    let started = tokio::time::Instant::now();
+    let run = app
+        .route_with(source, handler, options)
+        .run_until(async move {
+            while watch.lock().unwrap().len() < expected && started.elapsed() < within {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(after).await;
+        })
+        .await;
+    let handled = std::mem::take(&mut *handled.lock().unwrap());
+    (handled, run)
+}

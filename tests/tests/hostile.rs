@@ -10,12 +10,13 @@
 //! messages carry hostile but harmless metadata too (forged attempt and not-before
 //! headers, an absurd timestamp): they must be handled like the rest.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use courier::{App, Json, RouteOptions};
-use courier_contract_tests::{amqp_url, kafka_bootstrap, kafka_url, sqs_endpoint_and_region, sqs_url};
+use courier::{App, RouteOptions};
+use courier_contract_tests::{
+    amqp_url, kafka_bootstrap, kafka_url, run_recording_orders, sqs_endpoint_and_region, sqs_url,
+};
 use courier_core::{conformance::unique_name, headers, ConsumerOptions, DynBroker, Message, Source};
 
 /// Good messages per backend.
@@ -23,16 +24,11 @@ const GOOD: usize = 1_000;
 /// The bound: every good message handled and every poison message dead-lettered within this.
 const WITHIN: Duration = Duration::from_secs(90);
 
-#[derive(serde::Deserialize)]
-struct Order {
-    n: usize,
-}
-
 fn good(n: usize) -> Vec<u8> {
     format!(r#"{{"n":{n}}}"#).into_bytes()
 }
 
-/// Payloads no handler of `Order` can decode.
+/// Payloads no handler of `{"n": N}` orders can decode.
 fn poison_payloads() -> Vec<Vec<u8>> {
     vec![
         b"not json at all".to_vec(),
@@ -47,30 +43,16 @@ fn poison_payloads() -> Vec<Vec<u8>> {
 
 /// Runs the worker until every good message is handled, then checks the rest.
 async fn drain(broker: DynBroker, source: Source, poison: usize, quiet: Duration) {
-    let handled = Arc::new(Mutex::new(HashSet::new()));
-    let seen = handled.clone();
-    let handler = move |Json(order): Json<Order>| {
-        let seen = seen.clone();
-        async move {
-            seen.lock().unwrap().insert(order.n);
-            Ok::<(), courier::Error>(())
-        }
-    };
-    let watch = handled.clone();
     let started = tokio::time::Instant::now();
-    let run = App::new(broker.clone())
-        .route_with(source.clone(), handler, RouteOptions::default().concurrency(4))
-        .run_until(async move {
-            while watch.lock().unwrap().len() < GOOD && started.elapsed() < WITHIN {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            // Poison is mixed in among the good messages: it is settled by now; a moment
-            // more for the last dead letters' confirms.
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        });
-    let report = run.await.expect("the worker ran to the end: no fetch loop died");
+    let options = RouteOptions::default().concurrency(4);
+    // Poison is mixed in among the good messages, so it is settled by the time the last
+    // good one is handled; `after` gives the last dead letters' confirms a moment more.
+    let (handled, run) =
+        run_recording_orders(App::new(broker.clone()), source.clone(), options, GOOD, WITHIN, Duration::from_secs(2))
+            .await;
+    let report = run.expect("the worker ran to the end: no fetch loop died");
     let took = started.elapsed();
-    let handled = handled.lock().unwrap().len();
+    let handled = handled.len();
     eprintln!("{source}: {handled} handled, {report:?}, in {took:?}");
     assert_eq!(handled, GOOD, "every good message handled within {WITHIN:?}");
     assert_eq!(report.loops_ended_early, 0, "fetch loops alive throughout");

@@ -4,18 +4,12 @@
 //! committed past the unsettled message: it is delivered again afterwards, not lost.
 //! Against the Kafka broker `scripts/brokers up` starts (or `$COURIER_TEST_KAFKA`).
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use courier::{App, Json, RouteOptions};
-use courier_contract_tests::kafka_url;
+use courier::{App, RouteOptions};
+use courier_contract_tests::{kafka_url, run_recording_orders};
 use courier_core::{conformance::unique_name, ConsumerOptions, DynBroker, Message, Source};
-
-#[derive(serde::Deserialize)]
-struct Order {
-    n: usize,
-}
 
 const OTHERS: usize = 50;
 
@@ -39,30 +33,14 @@ async fn a_refused_dead_letter_holds_neither_the_partition_nor_other_keys() {
         broker.send(&to, m).await.unwrap();
     }
 
-    let handled = Arc::new(Mutex::new(HashSet::new()));
-    let seen = handled.clone();
-    let handler = move |Json(order): Json<Order>| {
-        let seen = seen.clone();
-        async move {
-            seen.lock().unwrap().insert(order.n);
-            Ok::<(), courier::Error>(())
-        }
-    };
-    let watch = handled.clone();
-    let started = tokio::time::Instant::now();
-    let report = App::new(broker.clone())
-        .shutdown_grace(Duration::from_secs(2))
-        .route_with(source.clone(), handler, RouteOptions::default().concurrency(4))
-        .run_until(async move {
-            while watch.lock().unwrap().len() < OTHERS && started.elapsed() < Duration::from_secs(60) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            // Long enough for the refused dead letter to be tried, failed and handed back.
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        })
-        .await
-        .expect("the worker ran to the end");
-    assert_eq!(handled.lock().unwrap().len(), OTHERS, "the partition's other keys flowed past the stuck one");
+    let app = App::new(broker.clone()).shutdown_grace(Duration::from_secs(2));
+    let options = RouteOptions::default().concurrency(4);
+    // `after`: long enough for the refused dead letter to be tried, failed and handed back.
+    let (handled, run) =
+        run_recording_orders(app, source.clone(), options, OTHERS, Duration::from_secs(60), Duration::from_secs(2))
+            .await;
+    let report = run.expect("the worker ran to the end");
+    assert_eq!(handled.len(), OTHERS, "the partition's other keys flowed past the stuck one");
     assert_eq!(report.loops_ended_early, 0);
     assert_eq!(report.dead_lettered, 0, "the dead letter was refused: {report:?}");
     // Each failed settlement handed the message back, and it came again in the same run
