@@ -45,8 +45,14 @@ async fn run(url: &str, kind: EventKind) {
     assert_eq!(seen.len(), 40, "{kind:?}: every message reached the handler");
     for (body, attempts) in seen.iter() {
         if body.ends_with('0') {
-            assert_eq!(attempts.first(), Some(&1), "{kind:?} {body}: {attempts:?}");
-            assert!(attempts.len() >= 2 && attempts.last() > Some(&1), "{kind:?} {body} came back: {attempts:?}");
+            // SQS answers per record, so each record first runs as attempt 1. A Kafka or
+            // RabbitMQ invocation stops at its first failure and the whole batch comes
+            // back, so a record behind a failing one in its batch first runs as attempt 2
+            // (seen under load, when batches of one instance mix records of the others).
+            if kind == EventKind::Sqs {
+                assert_eq!(attempts.first(), Some(&1), "{kind:?} {body}: {attempts:?}");
+            }
+            assert!(attempts.last() > Some(&1), "{kind:?} {body} came back: {attempts:?}");
         }
     }
     match kind {
