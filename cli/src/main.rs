@@ -63,6 +63,24 @@ enum Command {
         #[command(subcommand)]
         action: OutboxAction,
     },
+    /// How many handler slots a rate of traffic needs: the M/M/c model (c = 1 is M/M/1)
+    /// for c = 1, 2, … with utilisation ρ, mean queue length Lq and mean wait Wq, the
+    /// smallest c meeting --max-wait-ms, and the FaaS instances n from P = n/t.
+    Plan {
+        /// Arrivals per second (λ).
+        #[arg(long, allow_negative_numbers = true)]
+        rate: f64,
+        /// Mean handler time per message, in milliseconds (t; μ = 1000/t per slot).
+        #[arg(long)]
+        service_ms: f64,
+        /// The mean wait to meet, in milliseconds.
+        #[arg(long, allow_negative_numbers = true)]
+        max_wait_ms: Option<f64>,
+        /// Mean time per message of one FaaS invocation (default: --service-ms), for
+        /// example as `courier faas` measured it, cold starts included.
+        #[arg(long)]
+        invocation_ms: Option<f64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -226,6 +244,9 @@ fn next_step(e: &Error) -> Option<String> {
 }
 
 async fn run(cli: Cli) -> Result<(), Error> {
+    if let Command::Plan { rate, service_ms, max_wait_ms, invocation_ms } = cli.command {
+        return plan(rate, service_ms, max_wait_ms, invocation_ms);
+    }
     let mut config = match &cli.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -256,7 +277,66 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::Outbox { action: OutboxAction::Relay { from, once } } => {
             outbox_relay(broker, &config, &from, once).await
         }
+        Command::Plan { .. } => unreachable!("answered before connecting"),
     }
+}
+
+/// A duration in milliseconds from the command line: positive and finite.
+fn millis_arg(name: &str, ms: f64) -> Result<Duration, Error> {
+    if ms.is_finite() && ms > 0.0 && ms < 1e12 {
+        Ok(Duration::from_secs_f64(ms / 1000.0))
+    } else {
+        Err(Error::config(name, format!("{ms} is not a time: give a positive number of milliseconds")))
+    }
+}
+
+fn plan(rate: f64, service_ms: f64, max_wait_ms: Option<f64>, invocation_ms: Option<f64>) -> Result<(), Error> {
+    use courier::queueing;
+    if !(rate.is_finite() && rate > 0.0) {
+        return Err(Error::config(
+            "rate",
+            format!("{rate} is not a rate: give a positive number of messages a second"),
+        ));
+    }
+    let service = millis_arg("service-ms", service_ms)?;
+    let max_wait = max_wait_ms.map(|ms| millis_arg("max-wait-ms", ms)).transpose()?;
+    let invocation = invocation_ms.map(|ms| millis_arg("invocation-ms", ms)).transpose()?.unwrap_or(service);
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "M/M/c model: λ = {rate} msg/s, t = {} ms per message (μ = {:.3} msg/s per slot)",
+        ms(service),
+        1.0 / service.as_secs_f64()
+    );
+    println!("{:>7} {:>8} {:>9} {:>10} {:>12}", "slots c", "ρ", "P(wait)", "Lq", "Wq");
+    let plan = queueing::plan(rate, service, max_wait);
+    for (c, prediction) in &plan.rows {
+        match prediction {
+            Some(p) => println!(
+                "{c:>7} {:>8.3} {:>9.3} {:>10.3} {:>9.1} ms",
+                p.utilisation,
+                p.wait_probability,
+                p.queue_length,
+                ms(p.queue_wait)
+            ),
+            None => println!(
+                "{c:>7} {:>8.3}  unstable: ρ ≥ 1, the backlog grows without bound",
+                queueing::Queue::new(rate, service, *c).utilisation()
+            ),
+        }
+    }
+    match (plan.enough, max_wait) {
+        (Some(c), Some(w)) => println!("enough: c = {c}, the smallest with a mean wait of at most {} ms", ms(w)),
+        (Some(c), None) => println!("enough: c = {c}, the smallest stable (give --max-wait-ms to bound the wait)"),
+        (None, _) => println!("enough: none up to 10,000 slots"),
+    }
+    if let Some(n) = queueing::faas_instances(rate, invocation) {
+        println!(
+            "FaaS: P = n/t, so λ = {rate} msg/s at t = {} ms per invocation needs n ≥ λ·t = {:.2}: {n} concurrent instance(s)",
+            ms(invocation),
+            rate * invocation.as_secs_f64()
+        );
+    }
+    Ok(())
 }
 
 /// `sqlite://` at `$XDG_DATA_HOME/courier/queues.db` (else `~/.local/share/…`, else the

@@ -84,6 +84,9 @@ fn check_readme_on(backend: Backend) {
         if line.starts_with("courier dlq") {
             assert!(stderr.contains(&format!("orders-{suffix}")), "{stderr}");
         }
+        if line.starts_with("courier plan") {
+            assert!(stdout.contains("40.0 ms") && stdout.contains("enough: c = 2"), "{stdout}");
+        }
         if line == "courier demo" {
             let dead_lettered = stdout.lines().find(|l| l.trim_start().starts_with("dead-lettered"));
             assert_eq!(dead_lettered.map(|l| l.split_whitespace().last()), Some(Some("2")), "{stdout}");

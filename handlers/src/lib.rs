@@ -61,6 +61,7 @@ mod config;
 mod handler;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod idempotent;
+pub mod queueing;
 mod trace;
 #[cfg(feature = "trigger")]
 pub mod trigger;
