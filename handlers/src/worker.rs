@@ -43,6 +43,12 @@ pub struct RouteOptions {
     /// Handlers running at once. Default 8.
     pub concurrency: usize,
     /// Messages fetched per receive by each of the `concurrency` loops. Default 10.
+    ///
+    /// A loop handles what it fetched one after another, so with several loops a
+    /// fetched message can wait for its busy loop while another slot is idle: under load
+    /// with 4 slots, waits ran 41% above the M/M/c model with batches of 10 and within 3%
+    /// with 1 (`BENCHMARKS.md`, "The queueing model against the worker"). Batches save
+    /// round trips where a fetch is one (SQS, SQL); for latency, use 1.
     pub batch: usize,
     /// The lease asked of the broker; extended while a handler runs long. Default 30 s.
     pub lease: Duration,

@@ -118,9 +118,10 @@ async fn crash_twice_lose_nothing(url: &str, case: &str) {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// A worker process (the runtime, concurrency 4, one message per fetch) killed with
-/// SIGKILL mid-run, then a new one: every confirmed send is handled, and only what the
-/// killed worker held (at most its 4 leases) is handled again.
+/// A worker process (the runtime, concurrency 4, batches of 10) killed with SIGKILL
+/// mid-run, then a new one: every confirmed send is handled, and only what the killed
+/// worker was handling (one message per slot: at most 4) is handled again. The rest it
+/// had fetched comes back after its lease without having been handled.
 async fn a_killed_worker_loses_nothing(url: &str, case: &str) {
     const WORKER_IN_FLIGHT: usize = 4;
     let queue = unique_name(case);
