@@ -199,8 +199,9 @@ where
     Ok(Some(tx))
 }
 
-/// Commits a transaction begun by [`begin_once`]; a failure is transient (the message
-/// can be processed again, as nothing of it was kept).
+/// Commits a transaction begun by [`begin_once`]. A failure is transient: the message
+/// can be processed again. Should the commit have gone through after all (a connection
+/// lost in the answer), the next attempt finds the record and skips the work.
 pub async fn commit<DB: sqlx::Database>(tx: sqlx::Transaction<'static, DB>) -> Result<()> {
     let backend = backend_of::<DB>();
     tx.commit().await.map_err(|e| Error::transient(backend, format!("cannot commit: {e}"), e))
