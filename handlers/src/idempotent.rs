@@ -33,7 +33,7 @@ impl<DB: Database, F: Clone> Clone for Idempotent<DB, F> {
 /// the writes and the record then commit together and the message is acked. A message
 /// whose id is recorded already is acked without running `work`. When `work` fails, the
 /// transaction rolls back, record included, and the error's outcome applies (a retry,
-/// or a dead letter for a decode error or [`Error::Rejected`]).
+/// or a dead letter for a decode error or an [`Error::permanent`] one).
 ///
 /// The tables (`courier_processed`) are the ones the SQL backends create: connect a
 /// [`courier_sql::SqlBroker`] or an [`outbox::Relay`] to the database once, or create

@@ -61,6 +61,8 @@ mod config;
 mod handler;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod idempotent;
+#[cfg(feature = "observe")]
+mod observe;
 pub mod queueing;
 mod trace;
 #[cfg(feature = "trigger")]
@@ -86,7 +88,8 @@ pub use idempotent::{idempotent, Idempotent};
 pub use trace::TraceParent;
 pub use worker::{shutdown_signal, App, RouteOptions, RunReport};
 
-// The README's code blocks compile and run as doc tests.
-#[cfg(doctest)]
+// The README's code blocks compile and run as doc tests (they use the optional
+// features too: `cargo test --doc --all-features`, as `scripts/test` runs them).
+#[cfg(all(doctest, feature = "observe", feature = "sqlite"))]
 #[doc = include_str!("../../README.md")]
 struct ReadmeDoctests;

@@ -170,16 +170,40 @@ pub struct RunReport {
 }
 
 #[derive(Default)]
-struct Counters {
+pub(crate) struct Counters {
     acked: AtomicU64,
     retried: AtomicU64,
     dead_lettered: AtomicU64,
     interrupted: AtomicU64,
     loops_ended_early: AtomicU64,
     settlements_failed: AtomicU64,
+    /// Fetch loops the routes asked for.
+    loops_expected: AtomicU64,
+    /// Fetch loops running.
+    loops_alive: AtomicU64,
+    /// Fetch loops whose last receive failed (the broker unreachable, say).
+    loops_failing: AtomicU64,
+    /// Shutting down: finishing in-flight work, taking nothing new.
+    draining: AtomicBool,
 }
 
 impl Counters {
+    /// `None` when the worker is ready for traffic, else why not (readiness).
+    #[cfg_attr(not(feature = "observe"), allow(dead_code))]
+    pub(crate) fn not_ready(&self) -> Option<String> {
+        if self.draining.load(Ordering::Acquire) {
+            return Some("draining: shutting down, no new messages taken".to_owned());
+        }
+        let (expected, alive) = (self.loops_expected.load(Ordering::Acquire), self.loops_alive.load(Ordering::Acquire));
+        if alive < expected {
+            return Some(format!("{alive} of {expected} fetch loops running"));
+        }
+        match self.loops_failing.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(format!("{n} fetch loop(s) cannot receive from the broker")),
+        }
+    }
+
     fn report(&self) -> RunReport {
         RunReport {
             acked: self.acked.load(Ordering::Relaxed),
@@ -223,6 +247,8 @@ pub struct App {
     routes: Vec<Route>,
     shutdown_grace: Duration,
     background: Vec<Background>,
+    #[cfg(feature = "observe")]
+    observe: Option<std::net::SocketAddr>,
 }
 
 /// Work that runs beside the routes until shutdown (an outbox relay).
@@ -231,7 +257,44 @@ type Background = Box<dyn FnOnce(CancellationToken) -> futures::future::BoxFutur
 impl App {
     /// A worker on `broker` with no routes yet.
     pub fn new(broker: DynBroker) -> Self {
-        App { broker, routes: Vec::new(), shutdown_grace: Duration::from_secs(30), background: Vec::new() }
+        App {
+            broker,
+            routes: Vec::new(),
+            shutdown_grace: Duration::from_secs(30),
+            background: Vec::new(),
+            #[cfg(feature = "observe")]
+            observe: None,
+        }
+    }
+
+    /// Serves, on `addr` while the worker runs, what operators watch:
+    /// - `/metrics`: Prometheus text format. Per route (label `source`): messages
+    ///   received, succeeded, retried and dead-lettered (`courier_messages_*_total`), in
+    ///   flight, fetch loops alive, and histograms of handler time
+    ///   (`courier_message_processing_seconds`) and of the wait from send to receive
+    ///   (`courier_message_queue_wait_seconds`, by the message's timestamp: clocks of
+    ///   producer and worker in step).
+    /// - `/livez`: 200 while the process serves.
+    /// - `/readyz`: 200 when every fetch loop runs and receives; 503 with the reason
+    ///   while starting, while a loop cannot reach the broker, and while draining.
+    ///
+    /// The Prometheus recorder is installed for the whole process (a `metrics`
+    /// recorder is one per process); the run fails at its start if the address is taken.
+    ///
+    /// ```no_run
+    /// # async fn run(broker: courier::DynBroker) -> Result<(), courier::Error> {
+    /// use courier::{App, Source};
+    /// App::new(broker)
+    ///     .observe("0.0.0.0:9090".parse().unwrap())
+    ///     .route(Source::queue("orders")?, |_: courier::Message| async {})
+    ///     .run()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "observe")]
+    pub fn observe(mut self, addr: std::net::SocketAddr) -> Self {
+        self.observe = Some(addr);
+        self
     }
 
     /// Routes `source` to a handler function with default options.
@@ -327,6 +390,21 @@ impl App {
         // Checked per message: an atomic load, where the token's check takes a shared lock.
         let stopping = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
+        // The recorder goes in before the routes register their metrics' handles.
+        #[cfg(feature = "observe")]
+        let observe_stop = CancellationToken::new();
+        #[cfg(feature = "observe")]
+        let observer = match self.observe {
+            Some(addr) => {
+                let recorder = crate::observe::recorder()?;
+                Some(crate::observe::serve(addr, recorder, counters.clone(), observe_stop.clone()).await?)
+            }
+            None => None,
+        };
+        #[cfg(feature = "observe")]
+        let observed = observer.is_some();
+        #[cfg(not(feature = "observe"))]
+        let observed = false;
         let mut consumers = Vec::new();
         let mut tasks: JoinSet<LoopEnd> = JoinSet::new();
         for route in self.routes {
@@ -338,7 +416,9 @@ impl App {
             };
             let consumer: Arc<dyn Consumer> = Arc::from(self.broker.consumer(&route.source, consumer_options).await?);
             consumers.push(consumer.clone());
-            let shared = Arc::new(RouteRuntime::new(&route, self.broker.clone(), counters.clone(), hard_stop.clone()));
+            let shared =
+                Arc::new(RouteRuntime::new(&route, self.broker.clone(), counters.clone(), hard_stop.clone(), observed));
+            counters.loops_expected.fetch_add(route.options.concurrency as u64, Ordering::Release);
             tracing::info!(source = %route.source, concurrency = route.options.concurrency, "route started");
             for _ in 0..route.options.concurrency {
                 let loop_ = FetchLoop {
@@ -349,9 +429,12 @@ impl App {
                     hard_stop: hard_stop.clone(),
                 };
                 let (source, fetch) = (route.source.clone(), (route.start)(loop_));
+                let runtime = shared.clone();
                 // A panic is caught here so the loop's end still names its route.
                 tasks.spawn(async move {
+                    runtime.loop_alive(true);
                     let panic = AssertUnwindSafe(fetch).catch_unwind().await.err();
+                    runtime.loop_alive(false);
                     LoopEnd { source, panic: panic.map(|p| panic_text(&p)) }
                 });
             }
@@ -370,6 +453,7 @@ impl App {
         };
         tracing::info!(grace = ?self.shutdown_grace, "shutting down: no new fetches, finishing in-flight work");
         stopping.store(true, Ordering::Release);
+        counters.draining.store(true, Ordering::Release);
         stop.cancel();
         if tokio::time::timeout(self.shutdown_grace, wait_all(&mut tasks)).await.is_err() {
             tracing::warn!("grace period over: handing unfinished deliveries back to the broker");
@@ -382,6 +466,11 @@ impl App {
             if let Err(e) = consumer.close().await {
                 tracing::warn!(error = %e, "closing a consumer failed; its unsettled messages return after their lease");
             }
+        }
+        #[cfg(feature = "observe")]
+        if let Some(server) = observer {
+            observe_stop.cancel();
+            let _ = server.await;
         }
         let report = counters.report();
         if let Some(error) = failed {
@@ -477,6 +566,8 @@ struct RouteRuntime {
     lease_extension: bool,
     counters: Arc<Counters>,
     metrics: RouteMetrics,
+    /// Metrics are exported: worth a clock reading per message for the queue wait.
+    observed: bool,
     /// Shutdown's grace is over: settlements stop being retried.
     hard_stop: CancellationToken,
 }
@@ -489,10 +580,19 @@ struct RouteMetrics {
     /// Handler plus settlement, per message.
     processing: metrics::Histogram,
     in_flight: metrics::Gauge,
+    /// From the message's timestamp to its receipt.
+    queue_wait: metrics::Histogram,
+    loops_alive: metrics::Gauge,
 }
 
 impl RouteRuntime {
-    fn new(route: &Route, broker: DynBroker, counters: Arc<Counters>, hard_stop: CancellationToken) -> Self {
+    fn new(
+        route: &Route,
+        broker: DynBroker,
+        counters: Arc<Counters>,
+        hard_stop: CancellationToken,
+        observed: bool,
+    ) -> Self {
         let caps = broker.capabilities();
         let label = route.source.to_string();
         // Handles are registered once so the per-message cost is an atomic add.
@@ -502,7 +602,9 @@ impl RouteRuntime {
             retried: metrics::counter!("courier_messages_retried_total", "source" => label.clone()),
             dead_lettered: metrics::counter!("courier_messages_dead_lettered_total", "source" => label.clone()),
             processing: metrics::histogram!("courier_message_processing_seconds", "source" => label.clone()),
-            in_flight: metrics::gauge!("courier_messages_in_flight", "source" => label),
+            in_flight: metrics::gauge!("courier_messages_in_flight", "source" => label.clone()),
+            queue_wait: metrics::histogram!("courier_message_queue_wait_seconds", "source" => label.clone()),
+            loops_alive: metrics::gauge!("courier_fetch_loops_alive", "source" => label),
         };
         RouteRuntime {
             source: route.source.clone(),
@@ -512,8 +614,38 @@ impl RouteRuntime {
             broker,
             counters,
             metrics,
+            observed,
             hard_stop,
         }
+    }
+
+    /// A fetch loop of this route started (`true`) or ended.
+    fn loop_alive(&self, alive: bool) {
+        if alive {
+            self.counters.loops_alive.fetch_add(1, Ordering::AcqRel);
+            self.metrics.loops_alive.increment(1.0);
+        } else {
+            self.counters.loops_alive.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.loops_alive.decrement(1.0);
+        }
+    }
+
+    /// Counts a received message and, when metrics are exported, its wait since the send.
+    fn received(&self, message: &courier_core::Message) {
+        self.metrics.received.increment(1);
+        if self.observed {
+            if let Ok(wait) = std::time::SystemTime::now().duration_since(message.timestamp) {
+                self.metrics.queue_wait.record(wait);
+            }
+        }
+    }
+
+    /// A receive of a loop succeeded: a loop that was failing no longer is.
+    fn receiving(&self, failures: &mut u32) {
+        if *failures > 0 {
+            self.counters.loops_failing.fetch_sub(1, Ordering::AcqRel);
+        }
+        *failures = 0;
     }
 }
 
@@ -528,6 +660,14 @@ struct FetchLoop {
 impl FetchLoop {
     /// Fetches until shutdown; `None` once the loop should end.
     async fn next_batch(&mut self, failures: &mut u32) -> Option<Vec<Delivery>> {
+        let batch = self.fetch(failures).await;
+        if batch.is_none() {
+            self.route.receiving(failures); // an ended loop is not failing
+        }
+        batch
+    }
+
+    async fn fetch(&mut self, failures: &mut u32) -> Option<Vec<Delivery>> {
         while !self.stopping.load(Ordering::Acquire) {
             let received = tokio::select! {
                 biased;
@@ -536,14 +676,18 @@ impl FetchLoop {
             };
             match received {
                 // Nothing arrived within the wait: ask again (an idle route keeps fetching).
-                Ok(batch) if batch.is_empty() => *failures = 0,
+                Ok(batch) if batch.is_empty() => self.route.receiving(failures),
                 Ok(batch) => {
-                    *failures = 0;
+                    self.route.receiving(failures);
                     return Some(batch);
                 }
                 Err(Error::Closed { .. }) => return None,
                 Err(e) => {
                     // The adapter already retried transient faults; back off before asking again.
+                    if *failures == 0 {
+                        self.route.counters.loops_failing.fetch_add(1, Ordering::AcqRel);
+                        // not ready
+                    }
                     *failures += 1;
                     let pause = Duration::from_millis(100 * 2u64.pow((*failures).min(6)));
                     tracing::warn!(source = %self.route.source, error = %e, ?pause, "receive failed");
@@ -576,7 +720,7 @@ impl FetchLoop {
                 // states, which cost a third of the worker's overhead.
                 let span = message_span(&self.route, &delivery);
                 let route = &*self.route;
-                route.metrics.received.increment(1);
+                route.received(&delivery);
                 route.metrics.in_flight.increment(1.0);
                 let attempt = delivery.attempt();
                 // The message moves into the handler; the receipt stays here to settle it.
@@ -643,7 +787,7 @@ impl FetchLoop {
     async fn handle_batch(&mut self, handler: &BatchFn, batch: Vec<Delivery>) {
         let route = self.route.clone();
         let span = tracing::info_span!("courier.handle_batch", source = %route.source, size = batch.len());
-        route.metrics.received.increment(batch.len() as u64);
+        batch.iter().for_each(|d| route.received(d));
         let incoming = batch.iter().map(|d| self.incoming(d)).collect();
         // Called inside the guarded future, so a panic in the call itself is caught too.
         let call = AssertUnwindSafe(async { handler(incoming).await }).catch_unwind().map(|r| match r {
