@@ -300,18 +300,34 @@ impl SqlConsumer {
 
     /// Gives rows read ahead but never handed out back, uncounted: they were no attempt.
     fn give_back(&self, rows: impl IntoIterator<Item = (Stored, i64)>) {
-        for (stored, lease) in rows {
-            let op = Op::Unlease { seq: stored.seq, lease, delay: Duration::ZERO, uncount: true, reply: None };
-            self.broker.committer.post(op);
-        }
+        give_back(&self.broker.committer, rows);
+    }
+}
+
+/// Unleases rows that were claimed but never handed out, taking back their attempt.
+fn give_back(committer: &Committer, rows: impl IntoIterator<Item = (Stored, i64)>) {
+    for (stored, lease) in rows {
+        let op = Op::Unlease { seq: stored.seq, lease, delay: Duration::ZERO, uncount: true, reply: None };
+        committer.post(op);
     }
 }
 
 impl Drop for SqlConsumer {
+    /// Not closed (a task that panicked, a loop cancelled): what was read ahead goes back
+    /// now, as no attempt, rather than after its lease with one counted. A claim still
+    /// under way is waited for on the runtime, then given back too. What was handed out
+    /// stays with its holders, who settle it or let its lease run out.
     fn drop(&mut self) {
-        if let Ok(mut ahead) = self.ahead.try_lock() {
-            let rows: Vec<_> = ahead.ready.drain(..).collect();
-            self.give_back(rows);
+        let Ok(mut ahead) = self.ahead.try_lock() else { return };
+        let rows: Vec<_> = ahead.ready.drain(..).collect();
+        self.give_back(rows);
+        if let (Some((token, answer)), Ok(runtime)) = (ahead.pending.take(), tokio::runtime::Handle::try_current()) {
+            let committer = self.broker.committer.clone();
+            runtime.spawn(async move {
+                if let Ok(Ok(claimed)) = answer.await {
+                    give_back(&committer, claimed.taken.into_iter().map(|s| (s, token)));
+                }
+            });
         }
     }
 }
