@@ -63,6 +63,8 @@ mod handler;
 mod idempotent;
 #[cfg(feature = "observe")]
 mod observe;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod queueing;
 mod trace;
 #[cfg(feature = "trigger")]

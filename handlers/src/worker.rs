@@ -830,6 +830,8 @@ fn message_span(route: &RouteRuntime, delivery: &Delivery) -> Span {
         outcome = field::Empty,
     );
     if !span.is_disabled() {
+        #[cfg(feature = "otel")]
+        crate::otel::adopt_parent(&span, delivery);
         if let Some(trace) =
             delivery.header(courier_core::headers::TRACEPARENT).and_then(|t| t.parse::<TraceParent>().ok())
         {

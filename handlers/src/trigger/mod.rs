@@ -98,9 +98,21 @@ impl Trigger {
 
     /// Runs the handler on one message; a panic becomes a retry of that message only.
     pub(crate) async fn run(&self, incoming: Incoming) -> Outcome {
+        use tracing::Instrument as _;
+        // The same span as the worker's, so a record's handling joins its producer's trace.
+        let span = tracing::info_span!(
+            "courier.handle",
+            message.id = %incoming.message.id,
+            source = %incoming.source,
+            attempt = incoming.attempt,
+        );
+        #[cfg(feature = "otel")]
+        if !span.is_disabled() {
+            crate::otel::adopt_parent(&span, &incoming.message);
+        }
         // Called inside the guarded future, so a panic in the call itself (an extractor,
         // or a handler that panics before returning its future) is caught as well.
-        crate::worker::catch_panics(async { (self.handler)(incoming).await }).await
+        crate::worker::catch_panics(async { (self.handler)(incoming).await }).instrument(span).await
     }
 
     /// Runs the handler and settles the way a platform can: `Ok` when the record is done
