@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod demo;
+mod model;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -44,11 +45,22 @@ enum Command {
     Send(SendArgs),
     /// Receive messages and print them.
     Consume(ConsumeArgs),
-    /// Show counts for sources.
+    /// Show counts for sources; with --model, the queueing model of the routes a running
+    /// worker serves, measured from its metrics beside the M/M/1 and M/M/c predictions.
     Stats {
         /// Sources: queue:NAME or topic:NAME/SUBSCRIPTION.
         #[arg(required = true)]
         sources: Vec<String>,
+        /// Measure λ, μ, c, ρ, Wq and Lq of these sources' routes from a worker's
+        /// Prometheus endpoint (`App::observe`), sampled twice --window apart.
+        #[arg(long, requires = "metrics")]
+        model: bool,
+        /// The worker's metrics URL, e.g. http://127.0.0.1:9090/metrics.
+        #[arg(long)]
+        metrics: Option<String>,
+        /// Seconds between the two samples.
+        #[arg(long, default_value_t = 10.0)]
+        window: f64,
     },
     /// Play a Lambda event source mapping locally: pull batches, build SQS, Kafka or
     /// RabbitMQ events, run an I/O-bound stand-in handler through the trigger code, settle.
@@ -247,6 +259,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
     if let Command::Plan { rate, service_ms, max_wait_ms, invocation_ms } = cli.command {
         return plan(rate, service_ms, max_wait_ms, invocation_ms);
     }
+    if let Command::Stats { sources, model: true, metrics: Some(url), window } = &cli.command {
+        return model::stats(sources, url, *window).await;
+    }
     let mut config = match &cli.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -268,7 +283,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::Declare { targets } => declare(broker, targets).await,
         Command::Send(args) => send(broker, args).await,
         Command::Consume(args) => consume(broker, args).await,
-        Command::Stats { sources } => stats(broker, sources).await,
+        Command::Stats { sources, .. } => stats(broker, sources).await,
         Command::Faas(args) => faas(broker, args).await,
         Command::Dlq { action: DlqAction::List { from, limit } } => dlq_list(broker, &from, limit).await,
         Command::Dlq { action: DlqAction::Redrive { from, limit, to_topic } } => {
