@@ -9,16 +9,23 @@
 //! in-memory one in tests. A send puts its span's context into the message's
 //! `traceparent` header; the worker makes that context the parent of the handler's span.
 //!
-//! ```text
-//! // Cargo.toml: opentelemetry_sdk, opentelemetry-otlp (grpc-tonic), tracing-subscriber.
-//! let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
-//! let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().with_batch_exporter(exporter).build();
-//! tracing_subscriber::registry()
-//!     .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("orders")))
-//!     .init();
-//! let broker = courier::otel::traced(courier::connect(&url).await?);
-//! broker.send(&orders, message).await?;        // a `courier.send` span; the message carries it
-//! App::new(broker).route(orders, handle).run() // each `courier.handle` span is its child
+//! [`init`] sets it all up from the environment: OTLP over HTTP to
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`; default
+//! `http://localhost:4318`), with `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_SERVICE_NAME` and
+//! `OTEL_RESOURCE_ATTRIBUTES` honoured, and log lines on stderr filtered by `RUST_LOG`.
+//! [`install`] does the same with a tracer provider built in code (another exporter,
+//! a sampler).
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), courier::Error> {
+//! use courier::{App, Message, Source};
+//!
+//! let _flush_at_exit = courier::otel::init()?;
+//! let broker = courier::otel::traced(courier::connect("memory://").await?);
+//! let orders = Source::queue("orders")?;
+//! broker.send(&orders.destination(), Message::new("order 1")).await?; // a `courier.send` span
+//! App::new(broker).route(orders, |_: Message| async {}).run().await?; // `courier.handle`, its child
+//! # Ok(()) }
 //! ```
 
 use std::sync::Arc;
@@ -33,6 +40,65 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::TraceParent;
+
+/// Flushes and shuts the exporter down when dropped: keep it until the process ends.
+#[must_use = "dropping the guard shuts the exporter down"]
+pub struct OtelGuard {
+    provider: opentelemetry_sdk::trace::SdkTracerProvider,
+}
+
+impl std::fmt::Debug for OtelGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OtelGuard").finish_non_exhaustive()
+    }
+}
+
+impl Drop for OtelGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.provider.shutdown() {
+            eprintln!("courier: flushing OpenTelemetry spans at exit failed: {e}");
+        }
+    }
+}
+
+/// Exports spans over OTLP/HTTP as the standard `OTEL_*` variables say (see the module
+/// docs) and installs the `tracing` subscriber that feeds it. Fails when a subscriber is
+/// already installed, or the variables are malformed.
+pub fn init() -> Result<OtelGuard, courier_core::Error> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder().with_http().build().map_err(|e| {
+        courier_core::Error::config("OTEL_EXPORTER_OTLP_*", format!("cannot build the OTLP exporter: {e}"))
+    })?;
+    let resource = opentelemetry_sdk::Resource::builder().build(); // OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build();
+    install(provider)
+}
+
+/// Installs `provider` (built in code) as where Courier's and the application's
+/// `tracing` spans go, with log lines on stderr filtered by `RUST_LOG` (default `info`).
+pub fn install(provider: opentelemetry_sdk::trace::SdkTracerProvider) -> Result<OtelGuard, courier_core::Error> {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::Layer as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let subscriber = tracing_subscriber::registry()
+        .with(
+            tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("courier"))
+                .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
+        )
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter));
+    tracing::subscriber::set_global_default(subscriber).map_err(|e| {
+        courier_core::Error::config(
+            "tracing",
+            format!("{e}: install Courier's layer into your own subscriber instead (`tracing_opentelemetry::layer()`)"),
+        )
+    })?;
+    opentelemetry::global::set_tracer_provider(provider.clone());
+    Ok(OtelGuard { provider })
+}
 
 /// The OpenTelemetry context of a `traceparent`, as a remote parent.
 pub fn remote_parent(parent: &TraceParent) -> opentelemetry::Context {
