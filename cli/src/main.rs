@@ -65,6 +65,23 @@ enum Command {
     /// Play a Lambda event source mapping locally: pull batches, build SQS, Kafka or
     /// RabbitMQ events, run an I/O-bound stand-in handler through the trigger code, settle.
     Faas(FaasArgs),
+    /// A live view, refreshed in place: per source its depth, in flight and dead letters
+    /// (where the backend counts them) and, with --metrics, the route's measured λ, t, c,
+    /// ρ and Wq beside the M/M/c wait. Ctrl-C quits.
+    Top {
+        /// Sources: queue:NAME or topic:NAME/SUBSCRIPTION.
+        #[arg(required = true)]
+        sources: Vec<String>,
+        /// A worker's metrics URL (`App::observe`), e.g. http://127.0.0.1:9090/metrics.
+        #[arg(long)]
+        metrics: Option<String>,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 2.0)]
+        interval: f64,
+        /// Stop after this many refreshes (default: until Ctrl-C).
+        #[arg(long)]
+        iterations: Option<u64>,
+    },
     /// List or redrive dead-lettered messages.
     Dlq {
         #[command(subcommand)]
@@ -285,6 +302,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::Consume(args) => consume(broker, args).await,
         Command::Stats { sources, .. } => stats(broker, sources).await,
         Command::Faas(args) => faas(broker, args).await,
+        Command::Top { sources, metrics, interval, iterations } => {
+            model::top(broker, &config.backend, &sources, metrics.as_deref(), interval, iterations).await
+        }
         Command::Dlq { action: DlqAction::List { from, limit } } => dlq_list(broker, &from, limit).await,
         Command::Dlq { action: DlqAction::Redrive { from, limit, to_topic } } => {
             dlq_redrive(broker, &from, limit, to_topic).await

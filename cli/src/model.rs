@@ -16,15 +16,55 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most of a metrics page read.
 const MAX_PAGE: u64 = 16 * 1024 * 1024;
 
+/// What two scrapes say of one route.
+struct Measured {
+    /// λ: received per second.
+    lambda: f64,
+    /// Mean handler time, when messages were handled in the window.
+    service: Option<Duration>,
+    /// c: the route's fetch loops.
+    slots: u32,
+    /// Mean wait from send to receive, when messages were received.
+    wait: Option<Duration>,
+}
+
+impl Measured {
+    /// `None` when the worker serves no route for `label`.
+    fn between(before: &str, after: &str, elapsed: f64, label: &str) -> Option<Measured> {
+        let delta = |name: &str| -> Option<f64> {
+            Some(value(after, name, label)? - value(before, name, label).unwrap_or(0.0))
+        };
+        let received = delta("courier_messages_received_total")?;
+        let mean = |sum: &str, count: &str| {
+            let (sum, count) = (delta(sum).unwrap_or(0.0), delta(count).unwrap_or(0.0));
+            (count > 0.0 && sum >= 0.0).then(|| Duration::from_secs_f64(sum / count))
+        };
+        Some(Measured {
+            lambda: received / elapsed,
+            service: mean("courier_message_processing_seconds_sum", "courier_message_processing_seconds_count"),
+            slots: value(after, "courier_fetch_loops_alive", label).unwrap_or(0.0) as u32,
+            wait: mean("courier_message_queue_wait_seconds_sum", "courier_message_queue_wait_seconds_count"),
+        })
+    }
+
+    /// ρ = λ/(c·μ), when there is a service time and a slot.
+    fn utilisation(&self) -> Option<f64> {
+        let t = self.service?.as_secs_f64();
+        (self.slots > 0).then(|| self.lambda * t / f64::from(self.slots))
+    }
+}
+
+fn window_arg(name: &str, seconds: f64) -> Result<Duration, Error> {
+    if seconds.is_finite() && seconds > 0.0 && seconds <= 86_400.0 {
+        Ok(Duration::from_secs_f64(seconds))
+    } else {
+        Err(Error::config(name, format!("{seconds} is not a time: give seconds, more than 0 and at most a day")))
+    }
+}
+
 pub async fn stats(sources: &[String], url: &str, window: f64) -> Result<(), Error> {
     let sources: Vec<Source> = sources.iter().map(|s| Source::parse(s)).collect::<Result<_, _>>()?;
-    if !(window.is_finite() && window > 0.0 && window <= 86_400.0) {
-        return Err(Error::config(
-            "window",
-            format!("{window} is not a window: give seconds, more than 0 and at most a day"),
-        ));
-    }
-    let window = Duration::from_secs_f64(window);
+    let window = window_arg("window", window)?;
     let before = scrape(url).await?;
     let started = tokio::time::Instant::now();
     eprintln!("sampling {url} for {window:?}…");
@@ -33,38 +73,26 @@ pub async fn stats(sources: &[String], url: &str, window: f64) -> Result<(), Err
     let elapsed = started.elapsed().as_secs_f64();
     for source in &sources {
         let label = source.to_string();
-        let delta = |name: &str| -> Option<f64> {
-            Some(value(&after, name, &label)? - value(&before, name, &label).unwrap_or(0.0))
-        };
-        let Some(received) = delta("courier_messages_received_total") else {
+        let Some(m) = Measured::between(&before, &after, elapsed, &label) else {
             println!("{label}: the worker at {url} serves no route for it");
             continue;
         };
-        let lambda = received / elapsed;
-        let handled = delta("courier_message_processing_seconds_count").unwrap_or(0.0);
-        let busy = delta("courier_message_processing_seconds_sum").unwrap_or(0.0);
-        let waited = delta("courier_message_queue_wait_seconds_count").unwrap_or(0.0);
-        let wait = delta("courier_message_queue_wait_seconds_sum").unwrap_or(0.0);
-        let slots = value(&after, "courier_fetch_loops_alive", &label).unwrap_or(0.0);
         println!("{label} (over {elapsed:.1} s, from {url})");
-        if handled == 0.0 || slots < 1.0 {
-            println!("  no messages handled in the window: nothing to measure (λ = {lambda:.2} msg/s)");
+        let (Some(service), Some(rho)) = (m.service, m.utilisation()) else {
+            println!("  no messages handled in the window: nothing to measure (λ = {:.2} msg/s)", m.lambda);
             continue;
-        }
-        let service = busy / handled;
-        let c = slots as u32;
-        let mu = 1.0 / service;
-        let rho = lambda / (f64::from(c) * mu);
-        let wq = if waited > 0.0 { Some(wait / waited) } else { None };
+        };
+        let (lambda, c) = (m.lambda, m.slots);
         println!(
-            "  measured  λ = {lambda:.2} msg/s, t = {:.2} ms (μ = {mu:.2} msg/s per slot), c = {c}, ρ = {rho:.3}{}",
-            service * 1e3,
-            match wq {
-                Some(wq) => format!(", Wq = {:.2} ms, Lq = λ·Wq = {:.3}", wq * 1e3, lambda * wq),
+            "  measured  λ = {lambda:.2} msg/s, t = {:.2} ms (μ = {:.2} msg/s per slot), c = {c}, ρ = {rho:.3}{}",
+            service.as_secs_f64() * 1e3,
+            1.0 / service.as_secs_f64(),
+            match m.wait {
+                Some(wq) =>
+                    format!(", Wq = {:.2} ms, Lq = λ·Wq = {:.3}", wq.as_secs_f64() * 1e3, lambda * wq.as_secs_f64()),
                 None => String::new(),
             }
         );
-        let service = Duration::from_secs_f64(service);
         for (name, servers) in [("M/M/c", c), ("M/M/1", 1)] {
             if name == "M/M/1" && c == 1 {
                 continue;
@@ -81,6 +109,103 @@ pub async fn stats(sources: &[String], url: &str, window: f64) -> Result<(), Err
         }
     }
     Ok(())
+}
+
+/// `courier top`: the table, redrawn in place every `interval`.
+pub async fn top(
+    broker: courier::DynBroker,
+    backend: &str,
+    sources: &[String],
+    metrics: Option<&str>,
+    interval: f64,
+    iterations: Option<u64>,
+) -> Result<(), Error> {
+    use std::fmt::Write as _;
+    let sources: Vec<Source> = sources.iter().map(|s| Source::parse(s)).collect::<Result<_, _>>()?;
+    let interval = window_arg("interval", interval)?;
+    let ms = |d: Option<Duration>| d.map_or_else(|| "-".to_owned(), |d| format!("{:.1}", d.as_secs_f64() * 1e3));
+    let mut last: Option<(String, tokio::time::Instant)> = None;
+    let mut frame = 0u64;
+    loop {
+        let scraped = match metrics {
+            Some(url) => Some(scrape(url).await.map(|page| (page, tokio::time::Instant::now()))),
+            None => None,
+        };
+        let mut screen = String::new();
+        let now = utc_clock();
+        let _ = writeln!(
+            screen,
+            "courier top: {} every {:.1} s, {now}; Ctrl-C quits",
+            courier::redact_url(backend),
+            interval.as_secs_f64()
+        );
+        if let Some(url) = metrics {
+            let _ = writeln!(screen, "model from {url} (M/M/c wait for the measured λ, t and c)");
+        }
+        let _ = writeln!(
+            screen,
+            "{:<36} {:>7} {:>9} {:>6} {:>8} {:>8} {:>3} {:>6} {:>9} {:>11}",
+            "source", "depth", "in flight", "dead", "λ/s", "t ms", "c", "ρ", "Wq ms", "M/M/c Wq"
+        );
+        for source in &sources {
+            let label = source.to_string();
+            let (depth, in_flight, dead) = match broker.stats(source).await {
+                Ok(s) => (s.depth.to_string(), s.in_flight.to_string(), s.dead_lettered.to_string()),
+                Err(_) => ("-".to_owned(), "-".to_owned(), "-".to_owned()),
+            };
+            let measured = match (&last, &scraped) {
+                (Some((before, then)), Some(Ok((after, at)))) => {
+                    Measured::between(before, after, (*at - *then).as_secs_f64().max(1e-3), &label)
+                }
+                _ => None,
+            };
+            let (lambda, t, c, rho, wq, predicted) = match &measured {
+                Some(m) => {
+                    let predicted = m
+                        .service
+                        .and_then(|t| Queue::new(m.lambda, t, m.slots).predict())
+                        .map_or_else(|| "-".to_owned(), |p| ms(Some(p.queue_wait)));
+                    (
+                        format!("{:.1}", m.lambda),
+                        ms(m.service),
+                        m.slots.to_string(),
+                        m.utilisation().map_or_else(|| "-".to_owned(), |r| format!("{r:.3}")),
+                        ms(m.wait),
+                        predicted,
+                    )
+                }
+                None => ("-".into(), "-".into(), "-".into(), "-".into(), "-".into(), "-".into()),
+            };
+            let _ = writeln!(
+                screen,
+                "{label:<36} {depth:>7} {in_flight:>9} {dead:>6} {lambda:>8} {t:>8} {c:>3} {rho:>6} {wq:>9} {predicted:>11}"
+            );
+        }
+        if let Some(Err(e)) = &scraped {
+            let _ = writeln!(screen, "metrics: {e}");
+        }
+        // Home, clear, draw: the whole frame at once, as `watch` does.
+        print!("\x1b[H\x1b[2J{screen}");
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        if let Some(Ok(page)) = scraped {
+            last = Some(page);
+        }
+        frame += 1;
+        if iterations.is_some_and(|n| frame >= n) {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+/// The wall-clock time of day, UTC, as HH:MM:SS (no date crate needed for a clock).
+fn utc_clock() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    format!("{:02}:{:02}:{:02} UTC", secs / 3600 % 24, secs / 60 % 60, secs % 60)
 }
 
 /// The sample `name{…source="label"…}` of a Prometheus text page.

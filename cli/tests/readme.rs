@@ -84,6 +84,9 @@ fn check_readme_on(backend: Backend) {
         if line.starts_with("courier dlq") {
             assert!(stderr.contains(&format!("orders-{suffix}")), "{stderr}");
         }
+        if line.starts_with("courier top") {
+            assert!(stdout.contains("courier top:") && stdout.contains(&format!("queue:orders-{suffix}")), "{stdout}");
+        }
         if line.starts_with("courier plan") {
             assert!(stdout.contains("40.0 ms") && stdout.contains("enough: c = 2"), "{stdout}");
         }
