@@ -249,6 +249,8 @@ pub struct App {
     background: Vec<Background>,
     #[cfg(feature = "observe")]
     observe: Option<std::net::SocketAddr>,
+    #[cfg(feature = "observe")]
+    model_window: Duration,
 }
 
 /// Work that runs beside the routes until shutdown (an outbox relay).
@@ -264,6 +266,8 @@ impl App {
             background: Vec::new(),
             #[cfg(feature = "observe")]
             observe: None,
+            #[cfg(feature = "observe")]
+            model_window: Duration::from_secs(10),
         }
     }
 
@@ -294,6 +298,18 @@ impl App {
     #[cfg(feature = "observe")]
     pub fn observe(mut self, addr: std::net::SocketAddr) -> Self {
         self.observe = Some(addr);
+        self
+    }
+
+    /// How often the per-route queueing model is measured and published with
+    /// [`observe`](Self::observe) (default 10 s): `courier_route_arrival_rate` (λ),
+    /// `courier_route_service_seconds` (t), `courier_route_utilisation` (ρ, with c the
+    /// route's concurrency), `courier_route_queue_wait_seconds` (measured Wq) and
+    /// `courier_route_predicted_queue_wait_seconds` (M/M/c's Wq for that λ, t and c;
+    /// +Inf while ρ ≥ 1).
+    #[cfg(feature = "observe")]
+    pub fn model_window(mut self, window: Duration) -> Self {
+        self.model_window = window.max(Duration::from_millis(10));
         self
     }
 
@@ -406,6 +422,7 @@ impl App {
         #[cfg(not(feature = "observe"))]
         let observed = false;
         let mut consumers = Vec::new();
+        let mut runtimes: Vec<Arc<RouteRuntime>> = Vec::new();
         let mut tasks: JoinSet<LoopEnd> = JoinSet::new();
         for route in self.routes {
             let consumer_options = ConsumerOptions {
@@ -419,6 +436,7 @@ impl App {
             let shared =
                 Arc::new(RouteRuntime::new(&route, self.broker.clone(), counters.clone(), hard_stop.clone(), observed));
             counters.loops_expected.fetch_add(route.options.concurrency as u64, Ordering::Release);
+            runtimes.push(shared.clone());
             tracing::info!(source = %route.source, concurrency = route.options.concurrency, "route started");
             for _ in 0..route.options.concurrency {
                 let loop_ = FetchLoop {
@@ -439,6 +457,25 @@ impl App {
                 });
             }
         }
+        // The queueing model, measured per window while metrics are exported.
+        #[cfg(feature = "observe")]
+        let model_ticker = observed.then(|| {
+            let window = self.model_window;
+            let runtimes = std::mem::take(&mut runtimes);
+            tokio::spawn(async move {
+                let mut last = vec![ModelSample::default(); runtimes.len()];
+                let mut at = tokio::time::Instant::now();
+                loop {
+                    tokio::time::sleep(window).await;
+                    let elapsed = at.elapsed();
+                    at = tokio::time::Instant::now();
+                    for (runtime, last) in runtimes.iter().zip(last.iter_mut()) {
+                        *last = runtime.publish_model(*last, elapsed);
+                    }
+                }
+            })
+        });
+        drop(runtimes);
         let background_stop = CancellationToken::new();
         let mut background = JoinSet::new();
         let has_background = !self.background.is_empty();
@@ -466,6 +503,10 @@ impl App {
             if let Err(e) = consumer.close().await {
                 tracing::warn!(error = %e, "closing a consumer failed; its unsettled messages return after their lease");
             }
+        }
+        #[cfg(feature = "observe")]
+        if let Some(ticker) = model_ticker {
+            ticker.abort();
         }
         #[cfg(feature = "observe")]
         if let Some(server) = observer {
@@ -568,10 +609,33 @@ struct RouteRuntime {
     metrics: RouteMetrics,
     /// Metrics are exported: worth a clock reading per message for the queue wait.
     observed: bool,
+    model: ModelTotals,
     /// Shutdown's grace is over: settlements stop being retried.
     hard_stop: CancellationToken,
 }
 
+/// Running totals of a route for its queueing model (kept only when metrics are exported).
+#[derive(Default)]
+struct ModelTotals {
+    received: AtomicU64,
+    handled: AtomicU64,
+    busy_nanos: AtomicU64,
+    waited: AtomicU64,
+    wait_nanos: AtomicU64,
+}
+
+/// The totals at the last tick, to take rates over a window.
+#[derive(Default, Clone, Copy)]
+#[cfg_attr(not(feature = "observe"), allow(dead_code))]
+struct ModelSample {
+    received: u64,
+    handled: u64,
+    busy_nanos: u64,
+    waited: u64,
+    wait_nanos: u64,
+}
+
+#[cfg_attr(not(feature = "observe"), allow(dead_code))]
 struct RouteMetrics {
     received: metrics::Counter,
     succeeded: metrics::Counter,
@@ -583,6 +647,12 @@ struct RouteMetrics {
     /// From the message's timestamp to its receipt.
     queue_wait: metrics::Histogram,
     loops_alive: metrics::Gauge,
+    /// The queueing model, measured over each window: λ, t, ρ, Wq and the M/M/c Wq.
+    arrival_rate: metrics::Gauge,
+    service_time: metrics::Gauge,
+    utilisation: metrics::Gauge,
+    mean_wait: metrics::Gauge,
+    predicted_wait: metrics::Gauge,
 }
 
 impl RouteRuntime {
@@ -604,7 +674,12 @@ impl RouteRuntime {
             processing: metrics::histogram!("courier_message_processing_seconds", "source" => label.clone()),
             in_flight: metrics::gauge!("courier_messages_in_flight", "source" => label.clone()),
             queue_wait: metrics::histogram!("courier_message_queue_wait_seconds", "source" => label.clone()),
-            loops_alive: metrics::gauge!("courier_fetch_loops_alive", "source" => label),
+            loops_alive: metrics::gauge!("courier_fetch_loops_alive", "source" => label.clone()),
+            arrival_rate: metrics::gauge!("courier_route_arrival_rate", "source" => label.clone()),
+            service_time: metrics::gauge!("courier_route_service_seconds", "source" => label.clone()),
+            utilisation: metrics::gauge!("courier_route_utilisation", "source" => label.clone()),
+            mean_wait: metrics::gauge!("courier_route_queue_wait_seconds", "source" => label.clone()),
+            predicted_wait: metrics::gauge!("courier_route_predicted_queue_wait_seconds", "source" => label),
         };
         RouteRuntime {
             source: route.source.clone(),
@@ -615,8 +690,48 @@ impl RouteRuntime {
             counters,
             metrics,
             observed,
+            model: ModelTotals::default(),
             hard_stop,
         }
+    }
+
+    /// One message's handling took `seconds`.
+    fn processed(&self, seconds: f64) {
+        self.metrics.processing.record(seconds);
+        if self.observed {
+            self.model.handled.fetch_add(1, Ordering::Relaxed);
+            self.model.busy_nanos.fetch_add((seconds * 1e9) as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Sets the model gauges from the totals since `last`, `window` ago; returns the totals.
+    #[cfg_attr(not(feature = "observe"), allow(dead_code))]
+    fn publish_model(&self, last: ModelSample, window: Duration) -> ModelSample {
+        let m = &self.model;
+        let now = ModelSample {
+            received: m.received.load(Ordering::Relaxed),
+            handled: m.handled.load(Ordering::Relaxed),
+            busy_nanos: m.busy_nanos.load(Ordering::Relaxed),
+            waited: m.waited.load(Ordering::Relaxed),
+            wait_nanos: m.wait_nanos.load(Ordering::Relaxed),
+        };
+        let lambda = (now.received - last.received) as f64 / window.as_secs_f64();
+        self.metrics.arrival_rate.set(lambda);
+        let handled = now.handled - last.handled;
+        if handled > 0 {
+            let service = Duration::from_nanos((now.busy_nanos - last.busy_nanos) / handled);
+            let slots = self.options.concurrency as u32;
+            let model = crate::queueing::Queue::new(lambda, service, slots);
+            self.metrics.service_time.set(service.as_secs_f64());
+            self.metrics.utilisation.set(model.utilisation());
+            // Unstable (ρ ≥ 1): no steady-state wait; +Inf says so in Prometheus terms.
+            self.metrics.predicted_wait.set(model.predict().map_or(f64::INFINITY, |p| p.queue_wait.as_secs_f64()));
+        }
+        let waited = now.waited - last.waited;
+        if waited > 0 {
+            self.metrics.mean_wait.set((now.wait_nanos - last.wait_nanos) as f64 / waited as f64 / 1e9);
+        }
+        now
     }
 
     /// A fetch loop of this route started (`true`) or ended.
@@ -634,8 +749,11 @@ impl RouteRuntime {
     fn received(&self, message: &courier_core::Message) {
         self.metrics.received.increment(1);
         if self.observed {
+            self.model.received.fetch_add(1, Ordering::Relaxed);
             if let Ok(wait) = std::time::SystemTime::now().duration_since(message.timestamp) {
                 self.metrics.queue_wait.record(wait);
+                self.model.waited.fetch_add(1, Ordering::Relaxed);
+                self.model.wait_nanos.fetch_add(wait.as_nanos() as u64, Ordering::Relaxed);
             }
         }
     }
@@ -757,7 +875,7 @@ impl FetchLoop {
                     conclude(route, receipt, outcome, span).await;
                 }
                 let now = Instant::now();
-                self.route.metrics.processing.record((now - mark).as_secs_f64());
+                self.route.processed((now - mark).as_secs_f64());
                 mark = now;
             }
         }
@@ -771,7 +889,7 @@ impl FetchLoop {
             let size = batch.len().max(1);
             self.handle_batch(&handler, batch).await;
             let per_message = started.elapsed().as_secs_f64() / size as f64;
-            (0..size).for_each(|_| self.route.metrics.processing.record(per_message));
+            (0..size).for_each(|_| self.route.processed(per_message));
         }
     }
 

@@ -165,6 +165,20 @@ async fn metrics_readiness_and_liveness_follow_the_worker() {
         assert_eq!(sample(&text, "courier_message_processing_seconds_count", &label), Some(20.0), "{text}");
         assert!(text.contains("# TYPE courier_message_queue_wait_seconds histogram"), "{text}");
         assert!(text.contains("courier_message_queue_wait_seconds_bucket{"), "{text}");
+        // The queueing model, published every model window (100 ms here).
+        let mut model = String::new();
+        for _ in 0..100 {
+            model = get(addr, "/metrics").await.1;
+            if sample(&model, "courier_route_utilisation", &label).is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for gauge in ["courier_route_arrival_rate", "courier_route_service_seconds", "courier_route_utilisation"] {
+            let value = sample(&model, gauge, &label).unwrap_or_else(|| panic!("no {gauge}: {model}"));
+            assert!(value.is_finite() && value >= 0.0, "{gauge} = {value}");
+        }
+        assert!(sample(&model, "courier_route_predicted_queue_wait_seconds", &label).is_some(), "{model}");
 
         // The broker unreachable: not ready, saying why; reachable again: ready.
         probe_down.store(true, Ordering::SeqCst);
@@ -190,6 +204,7 @@ async fn metrics_readiness_and_liveness_follow_the_worker() {
     let (sender, to) = (broker.clone(), source.destination());
     let report = App::new(broker.clone())
         .observe(addr)
+        .model_window(Duration::from_millis(100))
         .shutdown_grace(Duration::from_secs(20))
         .route_with(source.clone(), handler, courier::RouteOptions::default().concurrency(2))
         .run_until(async move {
