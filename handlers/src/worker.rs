@@ -717,9 +717,8 @@ impl RouteRuntime {
         };
         let lambda = (now.received - last.received) as f64 / window.as_secs_f64();
         self.metrics.arrival_rate.set(lambda);
-        let handled = now.handled - last.handled;
-        if handled > 0 {
-            let service = Duration::from_nanos((now.busy_nanos - last.busy_nanos) / handled);
+        if let Some(mean) = (now.busy_nanos - last.busy_nanos).checked_div(now.handled - last.handled) {
+            let service = Duration::from_nanos(mean);
             let slots = self.options.concurrency as u32;
             let model = crate::queueing::Queue::new(lambda, service, slots);
             self.metrics.service_time.set(service.as_secs_f64());
