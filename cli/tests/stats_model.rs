@@ -5,7 +5,10 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier::{App, DynBroker, LocalBroker, Message, RouteOptions, Source};
+use courier::{DynBroker, LocalBroker, Source};
+
+mod common;
+use common::ObservedWorker;
 
 /// The number after `name = ` in `text`.
 fn figure(text: &str, name: &str) -> f64 {
@@ -18,41 +21,22 @@ fn figure(text: &str, name: &str) -> f64 {
 #[test]
 fn the_model_of_a_running_route_is_measured_from_its_metrics() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let broker: DynBroker = Arc::new(LocalBroker::new());
-    let source = Source::queue("modelled").unwrap();
-    let stop = Arc::new(tokio::sync::Notify::new());
     // A worker with one slot taking about 10 ms a message, fed about 40 messages a second.
-    let worker = {
-        let (broker, source, stop) = (broker.clone(), source.clone(), stop.clone());
-        runtime.spawn(async move {
-            broker.declare(&source).await.unwrap();
-            let feeder = {
-                let (broker, to) = (broker.clone(), source.destination());
-                tokio::spawn(async move {
-                    loop {
-                        broker.send(&to, Message::new("work")).await.unwrap();
-                        tokio::time::sleep(Duration::from_millis(25)).await;
-                    }
-                })
-            };
-            let handler = |_: Message| async { tokio::time::sleep(Duration::from_millis(10)).await };
-            App::new(broker)
-                .observe(addr)
-                .route_with(source, handler, RouteOptions::default().concurrency(1).batch(1))
-                .run_until(async move { stop.notified().await })
-                .await
-                .unwrap();
-            feeder.abort();
-        })
-    };
+    let worker = ObservedWorker::start(
+        &runtime,
+        broker,
+        Source::queue("modelled").unwrap(),
+        Duration::from_millis(25),
+        Duration::from_millis(10),
+    );
+    let addr = worker.addr;
     std::thread::sleep(Duration::from_millis(500)); // the worker is up and has handled some
     let out = Command::new(env!("CARGO_BIN_EXE_courier"))
         .args(["stats", "--model", "--metrics", &format!("http://{addr}/metrics"), "--window", "2", "queue:modelled"])
         .output()
         .unwrap();
-    stop.notify_one();
-    runtime.block_on(worker).unwrap();
+    drop(worker);
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     eprintln!("{text}");

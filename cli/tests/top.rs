@@ -6,10 +6,12 @@
 //! rather than passing unrun.
 
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
-use courier::{App, DynBroker, Message, RouteOptions, Source};
+use courier::{DynBroker, Message, Source};
+
+mod common;
+use common::ObservedWorker;
 
 fn tmux(args: &[&str]) -> String {
     let out = Command::new("tmux").args(args).output().expect("tmux is installed (scripts/test installs it)");
@@ -31,35 +33,18 @@ fn top_shows_live_figures_in_a_terminal() {
     std::fs::create_dir_all(&dir).unwrap();
     let url = format!("sqlite://{}", dir.join("q.db").display());
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let source = Source::queue("watched").unwrap();
     let broker: DynBroker = runtime.block_on(courier::connect(&url)).unwrap();
-    runtime.block_on(broker.declare(&source)).unwrap();
-
     // A worker (one slot, ~5 ms a message) fed ~50 messages a second, metrics on.
-    let stop = Arc::new(tokio::sync::Notify::new());
-    let worker = {
-        let (broker, source, stop) = (broker.clone(), source.clone(), stop.clone());
-        runtime.spawn(async move {
-            let feeder = {
-                let (broker, to) = (broker.clone(), source.destination());
-                tokio::spawn(async move {
-                    loop {
-                        broker.send(&to, Message::new("work")).await.unwrap();
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                })
-            };
-            let handler = |_: Message| async { tokio::time::sleep(Duration::from_millis(5)).await };
-            App::new(broker)
-                .observe(addr)
-                .route_with(source, handler, RouteOptions::default().concurrency(1).batch(1))
-                .run_until(async move { stop.notified().await })
-                .await
-                .unwrap();
-            feeder.abort();
-        })
-    };
+    let worker = ObservedWorker::start(
+        &runtime,
+        broker.clone(),
+        source.clone(),
+        Duration::from_millis(20),
+        Duration::from_millis(5),
+    );
+    let addr = worker.addr;
+    std::thread::sleep(Duration::from_millis(200)); // the queue is declared
 
     let session = format!("courier-top-{}", std::process::id());
     let command = format!(
@@ -77,8 +62,7 @@ fn top_shows_live_figures_in_a_terminal() {
     std::thread::sleep(Duration::from_millis(1_200));
     let second = tmux(&["capture-pane", "-p", "-t", &session]);
     let _ = Command::new("tmux").args(["kill-session", "-t", &session]).status();
-    stop.notify_one();
-    runtime.block_on(worker).unwrap();
+    drop(worker);
     std::fs::remove_dir_all(&dir).ok();
 
     assert!(first.contains("courier top:") && first.contains("M/M/c Wq"), "the header:\n{first}");
