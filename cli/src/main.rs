@@ -67,7 +67,7 @@ enum Command {
     Faas(FaasArgs),
     /// A live view, refreshed in place: per source its depth, in flight and dead letters
     /// (where the backend counts them) and, with --metrics, the route's measured λ, t, c,
-    /// ρ and Wq beside the M/M/c wait. Ctrl-C quits.
+    /// ρ, Wq and Lq beside the M/M/c and M/M/1 waits. Ctrl-C quits.
     Top {
         /// Sources: queue:NAME or topic:NAME/SUBSCRIPTION.
         #[arg(required = true)]

@@ -140,12 +140,15 @@ pub async fn top(
             interval.as_secs_f64()
         );
         if let Some(url) = metrics {
-            let _ = writeln!(screen, "model from {url} (M/M/c wait for the measured λ, t and c)");
+            let _ = writeln!(
+                screen,
+                "model from {url}: Lq = λ·Wq measured; M/M/c and M/M/1 waits for the measured λ and t"
+            );
         }
         let _ = writeln!(
             screen,
-            "{:<36} {:>7} {:>9} {:>6} {:>8} {:>8} {:>3} {:>6} {:>9} {:>11}",
-            "source", "depth", "in flight", "dead", "λ/s", "t ms", "c", "ρ", "Wq ms", "M/M/c Wq"
+            "{:<36} {:>7} {:>9} {:>6} {:>8} {:>8} {:>3} {:>6} {:>9} {:>7} {:>11} {:>11}",
+            "source", "depth", "in flight", "dead", "λ/s", "t ms", "c", "ρ", "Wq ms", "Lq", "M/M/c Wq", "M/M/1 Wq"
         );
         for source in &sources {
             let label = source.to_string();
@@ -159,26 +162,32 @@ pub async fn top(
                 }
                 _ => None,
             };
-            let (lambda, t, c, rho, wq, predicted) = match &measured {
+            let dash = || "-".to_owned();
+            let (lambda, t, c, rho, wq, lq, mmc, mm1) = match &measured {
                 Some(m) => {
-                    let predicted = m
-                        .service
-                        .and_then(|t| Queue::new(m.lambda, t, m.slots).predict())
-                        .map_or_else(|| "-".to_owned(), |p| ms(Some(p.queue_wait)));
+                    // A wait predicted for `servers` slots; "inf" while they cannot keep up.
+                    let predicted = |servers: u32| {
+                        m.service.map_or_else(dash, |t| match Queue::new(m.lambda, t, servers).predict() {
+                            Some(p) => ms(Some(p.queue_wait)),
+                            None => "inf".to_owned(),
+                        })
+                    };
                     (
                         format!("{:.1}", m.lambda),
                         ms(m.service),
                         m.slots.to_string(),
-                        m.utilisation().map_or_else(|| "-".to_owned(), |r| format!("{r:.3}")),
+                        m.utilisation().map_or_else(dash, |r| format!("{r:.3}")),
                         ms(m.wait),
-                        predicted,
+                        m.wait.map_or_else(dash, |w| format!("{:.3}", m.lambda * w.as_secs_f64())),
+                        predicted(m.slots),
+                        predicted(1),
                     )
                 }
-                None => ("-".into(), "-".into(), "-".into(), "-".into(), "-".into(), "-".into()),
+                None => (dash(), dash(), dash(), dash(), dash(), dash(), dash(), dash()),
             };
             let _ = writeln!(
                 screen,
-                "{label:<36} {depth:>7} {in_flight:>9} {dead:>6} {lambda:>8} {t:>8} {c:>3} {rho:>6} {wq:>9} {predicted:>11}"
+                "{label:<36} {depth:>7} {in_flight:>9} {dead:>6} {lambda:>8} {t:>8} {c:>3} {rho:>6} {wq:>9} {lq:>7} {mmc:>11} {mm1:>11}"
             );
         }
         if let Some(Err(e)) = &scraped {

@@ -65,14 +65,20 @@ fn top_shows_live_figures_in_a_terminal() {
     drop(worker);
     std::fs::remove_dir_all(&dir).ok();
 
-    assert!(first.contains("courier top:") && first.contains("M/M/c Wq"), "the header:\n{first}");
+    assert!(
+        first.contains("courier top:") && first.contains("M/M/c Wq") && first.contains("Lq"),
+        "the header:\n{first}"
+    );
     let (a, b) = (row(&first, "queue:watched"), row(&second, "queue:watched"));
-    // source, depth, in flight, dead, λ/s, t ms, c, ρ, Wq ms, M/M/c Wq
-    assert_eq!(a.len(), 10, "{first}");
+    // source, depth, in flight, dead, λ/s, t ms, c, ρ, Wq ms, Lq, M/M/c Wq, M/M/1 Wq
+    assert_eq!(a.len(), 12, "{first}");
     let lambda: f64 = a[4].parse().unwrap_or_else(|_| panic!("λ measured: {first}"));
     assert!(lambda > 5.0, "messages are arriving: {first}");
     assert_eq!(a[6], "1", "one slot: {first}");
     assert!(a[7].parse::<f64>().is_ok() && a[8].parse::<f64>().is_ok(), "ρ and Wq measured: {first}");
+    assert!(a[9].parse::<f64>().is_ok(), "Lq measured: {first}");
+    assert!(a[10].parse::<f64>().is_ok() && a[11].parse::<f64>().is_ok(), "M/M/c and M/M/1 predicted: {first}");
+    assert!(first.contains("M/M/1 Wq"), "{first}");
     let (depth_before, depth_after): (u64, u64) = (a[1].parse().unwrap(), b[1].parse().unwrap());
     assert!(depth_after > depth_before + 50, "the burst shows in the depth: {a:?} then {b:?}");
     assert_ne!(first, second, "the view refreshes");
