@@ -2,7 +2,8 @@
 //! broker inside a span reaches the worker's handler, whose `courier.handle` span is the
 //! child of the `courier.send` span, itself the child of the producer's span; an
 //! in-memory OpenTelemetry exporter sees all three in one trace. The same through the
-//! Lambda triggers (SQS, Kafka and RabbitMQ event forms, built by the local emulator).
+//! Lambda triggers (SQS, Kafka and RabbitMQ event forms, built by the local emulator),
+//! and through HTTP push with the CloudEvents tracing extension.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,6 +83,54 @@ async fn one_trace_through_a_trigger(kind: courier::trigger::EventKind, spans: &
     spans.reset();
 }
 
+/// HTTP push: a CloudEvent carrying the distributed-tracing extension (binary mode's
+/// `ce-traceparent` header, structured mode's `traceparent` attribute) makes the
+/// trigger's `courier.handle` span a child of the sender's span.
+async fn one_trace_through_http_push(spans: &InMemorySpanExporter) {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt as _;
+    for structured in [false, true] {
+        let sender = tracing::info_span!("sender");
+        let parent = courier::otel::traceparent_of(&sender).expect("the sender's span has a context");
+        drop(sender);
+        let trigger = courier::trigger::Trigger::new(|_: Message| async {});
+        let router = courier::trigger::http::router(trigger, Source::queue("pushed").unwrap());
+        let request = if structured {
+            let event = serde_json::json!({"specversion": "1.0", "id": "e2", "source": "test", "type": "t",
+                                            "data": "hi", "traceparent": parent.to_string()});
+            Request::post("/")
+                .header("content-type", "application/cloudevents+json")
+                .body(Body::from(event.to_string()))
+                .unwrap()
+        } else {
+            Request::post("/")
+                .header("ce-specversion", "1.0")
+                .header("ce-id", "e1")
+                .header("ce-source", "test")
+                .header("ce-type", "t")
+                .header("ce-traceparent", parent.to_string())
+                .body(Body::from("hi"))
+                .unwrap()
+        };
+        let response = router.oneshot(request).await.unwrap();
+        assert!(response.status().is_success(), "structured {structured}: {}", response.status());
+        let trace_id = opentelemetry::trace::TraceId::from_bytes(parent.trace_id.to_be_bytes());
+        let finished = spans.get_finished_spans().unwrap();
+        let handle = finished
+            .iter()
+            .find(|s| s.name == "courier.handle" && s.span_context.trace_id() == trace_id)
+            .unwrap_or_else(|| panic!("structured {structured}: no handler span in the sender's trace"));
+        assert_eq!(
+            handle.parent_span_id,
+            opentelemetry::trace::SpanId::from_bytes(parent.span_id.to_be_bytes()),
+            "structured {structured}: the handler's span is the sender's child"
+        );
+        eprintln!("HTTP push (structured {structured}): one trace {trace_id}: sender -> courier.handle");
+        spans.reset();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_span_is_the_child_of_its_send_on_every_backend() {
     let spans = InMemorySpanExporter::default();
@@ -107,4 +156,5 @@ async fn a_handler_span_is_the_child_of_its_send_on_every_backend() {
     {
         one_trace_through_a_trigger(kind, &spans).await;
     }
+    one_trace_through_http_push(&spans).await;
 }

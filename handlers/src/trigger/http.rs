@@ -5,6 +5,11 @@
 //! |---|---|
 //! | CloudEvents binary: `ce-specversion` header | body as payload, `Content-Type` as content type, `ce-id` as id, every `ce-*` header as a header |
 //! | CloudEvents structured: `Content-Type: application/cloudevents+json` | `data` (JSON as its text, a string as its bytes) or `data_base64` as payload, `datacontenttype` as content type, `id` as id, the other attributes as `ce-<name>` headers |
+//!
+//! The CloudEvents distributed-tracing extension (`ce-traceparent`, the `traceparent`
+//! attribute, or in binary mode a plain `traceparent` header) becomes the message's
+//! `traceparent`, so the handler's span joins the sender's trace. A Pub/Sub attribute
+//! named `traceparent` does the same, as every attribute becomes a header.
 //! | Pub/Sub push: `{"message": {...}, "subscription": "..."}` | `message.data` (base64) as payload, `message.attributes` as headers, `messageId` as id, `orderingKey` as ordering key, `deliveryAttempt` as attempt, `subscription` as the header `pubsub-subscription` (data: the origin of a dead letter is always the route's source) |
 //!
 //! Answers: [`Outcome::Ack`] is `204 No Content`; a retry is
@@ -386,6 +391,15 @@ fn binary_cloudevent(headers: &HeaderMap, body: Bytes, content_type: String, sou
             return Err(malformed("CloudEvent", format!("binary mode needs the {required} header")));
         }
     }
+    // The distributed-tracing extension (`ce-traceparent`), else the W3C header itself:
+    // the handler's span joins the sender's trace.
+    let trace =
+        message.headers.get("ce-traceparent").cloned().or_else(|| {
+            headers.get(courier_core::headers::TRACEPARENT).and_then(|v| v.to_str().ok()).map(str::to_owned)
+        });
+    if let Some(trace) = trace {
+        message.headers.insert(courier_core::headers::TRACEPARENT.to_owned(), trace);
+    }
     if !content_type.is_empty() {
         message.content_type = Some(content_type);
     }
@@ -415,6 +429,10 @@ fn structured_cloudevent(body: &[u8], source: Source) -> Result<Incoming> {
         }
         let value = value.as_str().map(str::to_owned).unwrap_or_else(|| value.to_string());
         message.headers.insert(format!("ce-{key}"), value);
+    }
+    // The distributed-tracing extension: the handler's span joins the sender's trace.
+    if let Some(trace) = text("traceparent") {
+        message.headers.insert(courier_core::headers::TRACEPARENT.to_owned(), trace.to_owned());
     }
     Ok(Incoming::new(message, 1, source))
 }
