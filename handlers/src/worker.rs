@@ -304,9 +304,10 @@ impl App {
     /// How often the per-route queueing model is measured and published with
     /// [`observe`](Self::observe) (default 10 s): `courier_route_arrival_rate` (λ),
     /// `courier_route_service_seconds` (t), `courier_route_utilisation` (ρ, with c the
-    /// route's concurrency), `courier_route_queue_wait_seconds` (measured Wq) and
-    /// `courier_route_predicted_queue_wait_seconds` (M/M/c's Wq for that λ, t and c;
-    /// +Inf while ρ ≥ 1).
+    /// route's concurrency), `courier_route_queue_wait_seconds` and
+    /// `courier_route_queue_length` (measured Wq, and Lq = λ·Wq), and
+    /// `courier_route_predicted_queue_wait_seconds` and `_predicted_queue_length`
+    /// (M/M/c's Wq and Lq for that λ, t and c; +Inf while ρ ≥ 1).
     #[cfg(feature = "observe")]
     pub fn model_window(mut self, window: Duration) -> Self {
         self.model_window = window.max(Duration::from_millis(10));
@@ -653,6 +654,8 @@ struct RouteMetrics {
     utilisation: metrics::Gauge,
     mean_wait: metrics::Gauge,
     predicted_wait: metrics::Gauge,
+    queue_length: metrics::Gauge,
+    predicted_length: metrics::Gauge,
 }
 
 impl RouteRuntime {
@@ -679,7 +682,9 @@ impl RouteRuntime {
             service_time: metrics::gauge!("courier_route_service_seconds", "source" => label.clone()),
             utilisation: metrics::gauge!("courier_route_utilisation", "source" => label.clone()),
             mean_wait: metrics::gauge!("courier_route_queue_wait_seconds", "source" => label.clone()),
-            predicted_wait: metrics::gauge!("courier_route_predicted_queue_wait_seconds", "source" => label),
+            predicted_wait: metrics::gauge!("courier_route_predicted_queue_wait_seconds", "source" => label.clone()),
+            queue_length: metrics::gauge!("courier_route_queue_length", "source" => label.clone()),
+            predicted_length: metrics::gauge!("courier_route_predicted_queue_length", "source" => label),
         };
         RouteRuntime {
             source: route.source.clone(),
@@ -723,12 +728,16 @@ impl RouteRuntime {
             let model = crate::queueing::Queue::new(lambda, service, slots);
             self.metrics.service_time.set(service.as_secs_f64());
             self.metrics.utilisation.set(model.utilisation());
-            // Unstable (ρ ≥ 1): no steady-state wait; +Inf says so in Prometheus terms.
-            self.metrics.predicted_wait.set(model.predict().map_or(f64::INFINITY, |p| p.queue_wait.as_secs_f64()));
+            // Unstable (ρ ≥ 1): no steady state; +Inf says so in Prometheus terms.
+            let predicted = model.predict();
+            self.metrics.predicted_wait.set(predicted.map_or(f64::INFINITY, |p| p.queue_wait.as_secs_f64()));
+            self.metrics.predicted_length.set(predicted.map_or(f64::INFINITY, |p| p.queue_length));
         }
         let waited = now.waited - last.waited;
         if waited > 0 {
-            self.metrics.mean_wait.set((now.wait_nanos - last.wait_nanos) as f64 / waited as f64 / 1e9);
+            let wait = (now.wait_nanos - last.wait_nanos) as f64 / waited as f64 / 1e9;
+            self.metrics.mean_wait.set(wait);
+            self.metrics.queue_length.set(lambda * wait); // Little's law: Lq = λ·Wq
         }
         now
     }

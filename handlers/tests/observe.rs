@@ -178,7 +178,9 @@ async fn metrics_readiness_and_liveness_follow_the_worker() {
             let value = sample(&model, gauge, &label).unwrap_or_else(|| panic!("no {gauge}: {model}"));
             assert!(value.is_finite() && value >= 0.0, "{gauge} = {value}");
         }
-        assert!(sample(&model, "courier_route_predicted_queue_wait_seconds", &label).is_some(), "{model}");
+        for gauge in ["courier_route_predicted_queue_wait_seconds", "courier_route_predicted_queue_length"] {
+            assert!(sample(&model, gauge, &label).is_some(), "no {gauge}: {model}");
+        }
 
         // The broker unreachable: not ready, saying why; reachable again: ready.
         probe_down.store(true, Ordering::SeqCst);
