@@ -255,3 +255,39 @@ async fn a_handler_past_its_timeout_is_answered_503_and_pushes_wait_for_room() {
     assert_eq!(second.0, StatusCode::SERVICE_UNAVAILABLE);
     assert!(second.2.contains("busy") || second.2.contains("retry"), "{}", second.2);
 }
+
+/// The tracing extension is data a caller sends: garbage in it (not a traceparent, too
+/// long, not text-like) costs that push its trace and nothing else. The push is still
+/// handled and acked, and the next push's valid trace context is kept.
+#[tokio::test]
+async fn a_garbage_trace_context_costs_the_push_only_its_trace() {
+    let seen = Seen::default();
+    let app = router(trigger(seen.clone()), source());
+    let long = "f".repeat(8 * 1024);
+    let garbage = [
+        "",
+        "not-a-traceparent",
+        "00-zz-00f067aa0ba902b7-01",
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        &long,
+    ];
+    for value in garbage {
+        let mut request = binary("fine");
+        request.headers_mut().insert("ce-traceparent", value.parse().unwrap());
+        assert_eq!(post(app.clone(), request).await.0, StatusCode::NO_CONTENT, "{value:.40}");
+        let event = serde_json::json!({"specversion": "1.0", "id": "e", "source": "s", "type": "t",
+                                        "data": "fine", "traceparent": value});
+        let request = Request::post("/")
+            .header("content-type", "application/cloudevents+json")
+            .body(Body::from(event.to_string()))
+            .unwrap();
+        assert_eq!(post(app.clone(), request).await.0, StatusCode::NO_CONTENT, "{value:.40}");
+    }
+    let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut request = binary("fine");
+    request.headers_mut().insert("traceparent", valid.parse().unwrap());
+    assert_eq!(post(app, request).await.0, StatusCode::NO_CONTENT);
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 2 * garbage.len() + 1, "every push handled");
+    assert_eq!(seen.last().unwrap().message.header("traceparent"), Some(valid), "a valid one is carried");
+}
