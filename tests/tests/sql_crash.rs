@@ -313,3 +313,87 @@ async fn sqlite_worker_killed_with_kill_9_loses_nothing() {
 async fn postgres_worker_killed_with_kill_9_loses_nothing() {
     a_killed_worker_loses_nothing(&postgres_url(), "postgres-worker-crash").await;
 }
+
+/// A process that starts while others send must not fail their sends: connecting checks
+/// the schema, and that check once took table locks in the opposite order to a send's
+/// (PostgreSQL then aborted one of them as a deadlock). Sends run from 16 tasks while
+/// new brokers connect to the same database, one after another; every send must succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_connecting_while_others_send_fails_no_send() {
+    use courier_core::{Broker, Destination, Message};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let url = postgres_url();
+    let broker = Arc::new(courier_sql::SqlBroker::connect(&url).await.expect("connect"));
+    let to = Destination::queue(&unique_name("connect-while-sending")).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let senders: Vec<_> = (0..16)
+        .map(|task| {
+            let (broker, to, stop) = (broker.clone(), to.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut sent, mut failed) = (0usize, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    match broker.send(&to, Message::new(format!("{task}-{sent}"))).await {
+                        Ok(_) => sent += 1,
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                (sent, failed)
+            })
+        })
+        .collect();
+    for _ in 0..20 {
+        let other = courier_sql::SqlBroker::connect(&url).await.expect("a second process connects");
+        drop(other);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (mut sent, mut failed) = (0, Vec::new());
+    for s in senders {
+        let (n, f) = s.await.unwrap();
+        sent += n;
+        failed.extend(f);
+    }
+    assert!(sent > 0, "nothing was sent");
+    assert!(
+        failed.is_empty(),
+        "{} of {} sends failed while others connected, first: {}",
+        failed.len(),
+        sent + failed.len(),
+        failed[0]
+    );
+}
+
+/// Another session that locks Courier's tables in the opposite order (a migration, a
+/// report run by hand) can deadlock with a send; PostgreSQL then aborts the send's
+/// transaction, having written nothing of it. The send runs again and succeeds once the
+/// other session is done, instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_aborted_as_a_deadlock_runs_again() {
+    use courier_core::{Broker, Destination, Message};
+    use courier_sql::sqlx::{self, Connection};
+
+    let url = postgres_url();
+    let broker = courier_sql::SqlBroker::connect(&url).await.expect("connect");
+    let to = Destination::queue(&unique_name("deadlocked-send")).unwrap();
+    broker.send(&to, Message::new("first")).await.expect("the queue exists");
+
+    let mut other = sqlx::PgConnection::connect(&url).await.expect("a session of our own");
+    // This session must not be the one PostgreSQL picks to break the deadlock: the send's
+    // session, with the default 1 s, finds it first.
+    sqlx::query("SET deadlock_timeout = '20s'").execute(&mut other).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    sqlx::query("LOCK TABLE courier_messages IN SHARE MODE").execute(&mut other).await.unwrap();
+    let send = tokio::spawn(async move { broker.send(&to, Message::new("second")).await });
+    // The send has registered its queue (a lock on courier_sources) and now waits for
+    // courier_messages; taking courier_sources closes the cycle.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sqlx::query("LOCK TABLE courier_sources IN SHARE MODE")
+        .execute(&mut other)
+        .await
+        .expect("the send was aborted, not us");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+    let sent = tokio::time::timeout(Duration::from_secs(30), send).await.expect("the send ended").unwrap();
+    sent.expect("the send ran again after the deadlock and succeeded");
+}

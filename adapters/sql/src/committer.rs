@@ -232,7 +232,7 @@ async fn run<F, Fut>(
         let wakes = batch.iter().any(Op::wakes);
         let sweep = last_sweep.elapsed() >= DEDUP_SWEEP;
         let started = std::time::Instant::now();
-        let r = transaction(c, &batch, dedup_window, wakes, sweep).await;
+        let r = transaction_retrying(c, &batch, dedup_window, wakes, sweep).await;
         tracing::trace!(
             backend,
             operations = batch.len(),
@@ -267,7 +267,7 @@ async fn run<F, Fut>(
                         },
                     };
                     let ops = [op];
-                    match transaction(c, &ops, dedup_window, ops[0].wakes(), false).await {
+                    match transaction_retrying(c, &ops, dedup_window, ops[0].wakes(), false).await {
                         Ok(answers) => {
                             let woke = ops[0].wakes();
                             reply_all(ops.into_iter(), answers);
@@ -321,6 +321,39 @@ fn reply_all(ops: impl Iterator<Item = Op>, answers: Vec<Answer>) {
             (op, _) => op.fail(Error::fatal("internal: answer of another kind")),
         }
     }
+}
+
+/// How many times a transaction PostgreSQL aborted as a deadlock or a serialization
+/// conflict runs again before its operations fail.
+const CONFLICT_RETRIES: u32 = 3;
+
+/// A deadlock (40P01) or serialization failure (40001): the database rolled the whole
+/// transaction back, so running it again is safe and is what PostgreSQL asks for.
+fn is_conflict(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("40P01" | "40001")))
+}
+
+/// [`transaction`], run again after a short pause when the database aborted it as a
+/// conflict with another session, so a deadlock costs time, not a failed operation.
+async fn transaction_retrying(
+    conn: &mut Conn,
+    ops: &[Op],
+    dedup_window: Duration,
+    wakes: bool,
+    sweep: bool,
+) -> std::result::Result<Vec<Answer>, Option<sqlx::Error>> {
+    let mut pause = Duration::from_millis(5);
+    for _ in 0..CONFLICT_RETRIES {
+        match transaction(conn, ops, dedup_window, wakes, sweep).await {
+            Err(Some(e)) if is_conflict(&e) => {
+                tracing::debug!(error = %e, "the database aborted a transaction as a conflict; running it again");
+                tokio::time::sleep(pause).await;
+                pause *= 4;
+            }
+            done => return done,
+        }
+    }
+    transaction(conn, ops, dedup_window, wakes, sweep).await
 }
 
 /// Runs `ops` in one transaction and commits. `Err(None)` is a timeout.

@@ -155,6 +155,16 @@ impl Conn {
     /// so processes starting together do not trip over each other.
     pub async fn migrate(&mut self, what: &str) -> courier_core::Result<()> {
         let backend = self.backend();
+        // The tables are there at this version (every start but the first): no DDL. Even
+        // a `CREATE INDEX IF NOT EXISTS` of an index that exists takes a SHARE lock on its
+        // table in PostgreSQL, in an order opposite to a send's, so a process starting
+        // beside running ones made PostgreSQL abort their sends as deadlocks.
+        let current: DbResult<Option<String>> = on!(self, c => sqlx::query_scalar(
+            "SELECT value FROM courier_meta WHERE key = 'schema_version'"
+        ).fetch_optional(&mut *c).await);
+        if current.is_ok_and(|v| v.as_deref() == Some(SCHEMA_VERSION.to_string().as_str())) {
+            return Ok(());
+        }
         let ddl = schema(self.dialect());
         let result: DbResult<Option<String>> = async {
             self.begin().await?;
