@@ -31,6 +31,12 @@ pub trait Acknowledger: Send + Sync {
     fn policy(&self) -> &SettlePolicy;
     /// Done: never deliver this message again.
     async fn ack(&self) -> Result<()>;
+    /// [`ack`](Self::ack) done at once, for a backend that never waits to ack (an
+    /// in-process queue): `Some` with its result, and `ack` is not called. The default,
+    /// `None`, sends every ack through `ack`; this path only saves the boxed future.
+    fn ack_now(&self) -> Option<Result<()>> {
+        None
+    }
     /// Deliver the message again, no sooner than `delay` when given, as its next
     /// attempt. Never dead-letters: the receipt has already decided another attempt is
     /// allowed.
@@ -386,7 +392,11 @@ impl Receipt {
 
     /// See [`Delivery::ack`].
     pub async fn ack(&self) -> Result<()> {
-        self.settle(self.acker.ack()).await
+        self.claim()?;
+        match self.acker.ack_now() {
+            Some(result) => self.conclude(result),
+            None => self.settle_claimed(self.acker.ack()).await,
+        }
     }
 
     /// See [`Delivery::retry`].
@@ -438,15 +448,31 @@ impl Receipt {
         self.acker.extend_lease(by).await
     }
 
-    async fn settle(&self, op: impl Future<Output = Result<()>>) -> Result<()> {
+    /// Takes the right to settle: only one settlement runs, and only until one succeeds.
+    fn claim(&self) -> Result<()> {
         if self.state.compare_exchange(UNSETTLED, SETTLING, Ordering::AcqRel, Ordering::Acquire).is_err() {
             return Err(Error::AlreadySettled { id: self.id.clone() });
         }
+        Ok(())
+    }
+
+    async fn settle(&self, op: impl Future<Output = Result<()>>) -> Result<()> {
+        self.claim()?;
+        self.settle_claimed(op).await
+    }
+
+    /// Runs a settlement whose right was [`claim`](Self::claim)ed.
+    async fn settle_claimed(&self, op: impl Future<Output = Result<()>>) -> Result<()> {
         // Dropped mid-settlement (a cancelled future, a timeout): the delivery is
         // handed back unsettled, so it can be settled again or expire as a lease.
         let mut guard = HandBackOnDrop { state: &self.state, armed: true };
         let result = op.await;
         guard.armed = false;
+        self.conclude(result)
+    }
+
+    /// Ends a claimed settlement with the backend's answer.
+    fn conclude(&self, result: Result<()>) -> Result<()> {
         match result {
             Ok(()) => {
                 self.state.store(SETTLED, Ordering::Release);
@@ -544,6 +570,8 @@ mod tests {
         fail_first: bool,
         /// Never completes an ack: for cancellation.
         hang: bool,
+        /// Acks through `ack_now`, as an in-process backend does.
+        at_once: bool,
         policy: SettlePolicy,
         recorded: Arc<Recorded>,
     }
@@ -554,15 +582,15 @@ mod tests {
             &self.policy
         }
         async fn ack(&self) -> Result<()> {
-            let n = self.recorded.calls.fetch_add(1, Ordering::SeqCst);
+            assert!(!self.at_once, "an ack done at once never comes here");
             if self.hang {
+                self.recorded.calls.fetch_add(1, Ordering::SeqCst);
                 std::future::pending::<()>().await;
             }
-            if self.fail_first && n == 0 {
-                Err(Error::retryable("connection dropped"))
-            } else {
-                Ok(())
-            }
+            self.answer()
+        }
+        fn ack_now(&self) -> Option<Result<()>> {
+            self.at_once.then(|| self.answer())
         }
         async fn redeliver(&self, delay: Option<Duration>) -> Result<()> {
             self.recorded.redelivered.lock().unwrap().push(delay);
@@ -577,6 +605,17 @@ mod tests {
         }
     }
 
+    impl Flaky {
+        fn answer(&self) -> Result<()> {
+            let n = self.recorded.calls.fetch_add(1, Ordering::SeqCst);
+            if self.fail_first && n == 0 {
+                Err(Error::retryable("connection dropped"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
     fn policy(max_attempts: u32) -> SettlePolicy {
         let source = Source::queue("q").unwrap();
         let retry = RetryPolicy::default()
@@ -588,7 +627,13 @@ mod tests {
 
     fn delivery_with(attempt: u32, max_attempts: u32, fail_first: bool, hang: bool) -> (Delivery, Arc<Recorded>) {
         let recorded = Arc::new(Recorded::default());
-        let acker = Box::new(Flaky { fail_first, hang, policy: policy(max_attempts), recorded: recorded.clone() });
+        let acker = Box::new(Flaky {
+            fail_first,
+            hang,
+            at_once: false,
+            policy: policy(max_attempts),
+            recorded: recorded.clone(),
+        });
         (Delivery::new(Message::new("x"), attempt, acker), recorded)
     }
 
@@ -603,6 +648,20 @@ mod tests {
         assert!(matches!(d.reject("late").await, Err(Error::AlreadySettled { .. })));
         assert!(matches!(d.extend_lease(Duration::from_secs(1)).await, Err(Error::AlreadySettled { .. })));
         assert_eq!(recorded.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_ack_done_at_once_is_settled_once_and_handed_back_when_it_fails() {
+        let recorded = Arc::new(Recorded::default());
+        let acker =
+            Flaky { fail_first: true, hang: false, at_once: true, policy: policy(5), recorded: recorded.clone() };
+        let d = Delivery::new(Message::new("x"), 1, Box::new(acker));
+        assert!(d.ack().await.unwrap_err().is_retryable());
+        assert!(!d.is_settled(), "a failed ack hands the delivery back");
+        d.ack().await.unwrap();
+        assert!(d.is_settled());
+        assert!(matches!(d.ack().await, Err(Error::AlreadySettled { .. })));
+        assert_eq!(recorded.calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

@@ -59,13 +59,14 @@ pub struct Message {
 impl Message {
     /// A message with `payload`, a fresh id and the current time.
     pub fn new(payload: impl Into<Bytes>) -> Self {
+        let now = SystemTime::now();
         Message {
-            id: MessageId::generate(),
+            id: MessageId::generate_at(now),
             payload: payload.into(),
             headers: Headers::new(),
             ordering_key: None,
             content_type: None,
-            timestamp: SystemTime::now(),
+            timestamp: now,
             dedup_id: None,
             delay: None,
         }

@@ -530,14 +530,13 @@ impl Consumer for LocalConsumer {
     }
 
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
-        let taken = self.handle.queue.take(max, wait, &self.policy, &self.open).await?;
-        Ok(taken
-            .into_iter()
-            .map(|(tag, attempt, message)| {
+        self.handle
+            .queue
+            .take(max, wait, &self.policy, &self.open, |tag, attempt, message| {
                 let acker = LocalAcker { consumer: self.handle.clone(), tag, id: message.id.clone() };
                 Delivery::new(message, attempt, Box::new(acker))
             })
-            .collect())
+            .await
     }
 
     async fn close(&self) -> Result<()> {
@@ -562,6 +561,10 @@ impl Acknowledger for LocalAcker {
 
     async fn ack(&self) -> Result<()> {
         self.consumer.queue.ack(self.tag, &self.id)
+    }
+
+    fn ack_now(&self) -> Option<Result<()>> {
+        Some(self.consumer.queue.ack(self.tag, &self.id))
     }
 
     async fn redeliver(&self, delay: Option<Duration>) -> Result<()> {

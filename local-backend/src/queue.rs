@@ -296,14 +296,17 @@ impl Queue {
         }
     }
 
-    /// Takes up to `max` ready messages for a consumer, waiting up to `wait`.
-    pub async fn take(
+    /// Takes up to `max` ready messages for a consumer, waiting up to `wait`; `deliver`
+    /// makes each one's delivery from its tag, attempt and message, in place (a message
+    /// is large, and moving it from one vector into another cost a copy each).
+    pub async fn take<T>(
         self: &Arc<Self>,
         max: usize,
         wait: Duration,
         policy: &Arc<ConsumerPolicy>,
         consumer: &courier_core::backend::OpenGuard,
-    ) -> Result<Vec<(u64, u32, courier_core::Message)>> {
+        mut deliver: impl FnMut(u64, u32, courier_core::Message) -> T,
+    ) -> Result<Vec<T>> {
         let started = Instant::now();
         let deadline = later(started, wait);
         let max = max.max(1);
@@ -328,7 +331,7 @@ impl Queue {
                         entry.deliveries += 1;
                         let tag = st.next_tag;
                         st.next_tag += 1;
-                        taken.push((tag, entry.deliveries, entry.to_message()));
+                        taken.push(deliver(tag, entry.deliveries, entry.to_message()));
                         st.leases.add(lease_deadline, tag);
                         st.in_flight.insert(tag, InFlight { entry, deadline: lease_deadline, policy: policy.clone() });
                     }
