@@ -43,7 +43,7 @@ impl MessageId {
         });
         let text = base64_url(&bytes);
         // base64 output is ASCII, so this cannot fail.
-        MessageId(CompactString::from_utf8(&text).expect("base64 is ASCII"))
+        MessageId(CompactString::from_utf8(text).expect("base64 is ASCII"))
     }
 
     /// The id as text.

@@ -510,7 +510,7 @@ impl Queue {
             .ready
             .iter()
             .chain(st.keys.values().flatten())
-            .map(|e| e.timestamp)
+            .map(Entry::timestamp)
             .min()
             .map(|t| now.duration_since(t).unwrap_or_default());
         Stats {
@@ -602,7 +602,7 @@ impl State {
 /// dead-letter headers (why, after how many attempts, from where).
 pub(crate) fn dead_letter_entry(dead: DeadEntry) -> Entry {
     let DeadEntry { mut entry, letter } = dead;
-    letter.write_headers(&mut entry.headers);
+    letter.write_headers(entry.headers_mut());
     if let Some(extra) = entry.extra.as_deref_mut() {
         // A dead letter is a new arrival in its queue: never dropped as a duplicate.
         extra.dedup_id = None;
