@@ -106,6 +106,15 @@ async fn total(drains: Vec<JoinHandle<usize>>) -> usize {
     n
 }
 
+/// Waits for the drains, checks that they took all `n` messages, and returns the rate
+/// since `started`.
+async fn drained(drains: Vec<JoinHandle<usize>>, n: usize, started: Instant) -> f64 {
+    let took = total(drains).await;
+    let rate = rate(n, started.elapsed());
+    assert_eq!(took, n);
+    rate
+}
+
 mod courier_side {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
@@ -147,9 +156,7 @@ mod courier_side {
                 }
             }));
         }
-        let acked = super::total(drains).await;
-        let rate = super::rate(n, started.elapsed());
-        assert_eq!(acked, n);
+        let rate = super::drained(drains, n, started).await;
         broker.close().await.unwrap();
         rate
     }
@@ -220,10 +227,7 @@ mod omni {
                 })
             })
             .collect();
-        let acked = super::total(drains).await;
-        let rate = super::rate(n, started.elapsed());
-        assert_eq!(acked, n);
-        rate
+        super::drained(drains, n, started).await
     }
 }
 
@@ -303,10 +307,7 @@ mod rs {
                 })
             })
             .collect();
-        let acked = super::total(drains).await;
-        let rate = super::rate(n, started.elapsed());
-        assert_eq!(acked, n);
-        rate
+        super::drained(drains, n, started).await
     }
 
     pub async fn runtime(n: usize, concurrency: usize) -> f64 {
@@ -370,10 +371,7 @@ mod chan {
         let started = Instant::now();
         let rx = filled(n);
         let drains = (0..consumers).map(|_| drain(&rx, drop)).collect();
-        let received = super::total(drains).await;
-        let rate = super::rate(n, started.elapsed());
-        assert_eq!(received, n);
-        rate
+        super::drained(drains, n, started).await
     }
 
     pub async fn runtime(n: usize, concurrency: usize) -> f64 {
