@@ -120,9 +120,10 @@ async fn a_full_disk_fails_the_send_and_keeps_what_was_stored() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-#[tokio::test]
-async fn a_database_from_a_newer_courier_is_refused() {
-    let dir = scratch("newer");
+/// A database whose schema version reads `version`: connecting to it is refused with
+/// this error's text.
+async fn refused_with_schema_version(case: &str, version: &str) -> (PathBuf, String) {
+    let dir = scratch(case);
     let file = dir.join("queues.db");
     let broker = SqlBroker::connect(&url(&file)).await.unwrap();
     broker.send(&Destination::queue("orders").unwrap(), Message::new("kept")).await.unwrap();
@@ -131,15 +132,32 @@ async fn a_database_from_a_newer_courier_is_refused() {
     {
         use sqlx::{ConnectOptions, Connection};
         let mut conn = sqlx::sqlite::SqliteConnectOptions::new().filename(&file).connect().await.unwrap();
-        sqlx::query("UPDATE courier_meta SET value = '99' WHERE key = 'schema_version'")
+        sqlx::query("UPDATE courier_meta SET value = $1 WHERE key = 'schema_version'")
+            .bind(version)
             .execute(&mut conn)
             .await
             .unwrap();
         conn.close().await.unwrap();
     }
     let err = SqlBroker::connect(&url(&file)).await.unwrap_err();
-    let text = err.to_string();
-    assert!(text.contains(&file.display().to_string()), "names the file: {text}");
+    (dir, err.to_string())
+}
+
+#[tokio::test]
+async fn a_database_from_a_newer_courier_is_refused() {
+    let (dir, text) = refused_with_schema_version("newer", "99").await;
+    assert!(text.contains(&dir.join("queues.db").display().to_string()), "names the file: {text}");
     assert!(text.contains("schema 99") && text.contains("upgrade Courier"), "says what to do: {text}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Connecting skips its checks when the schema version is the current one; anything
+/// else it does not know (garbage written by hand) is still refused, never taken as current.
+#[tokio::test]
+async fn a_database_whose_schema_version_is_garbage_is_refused() {
+    for (case, garbage) in [("garbage-text", "abc"), ("garbage-empty", ""), ("garbage-spaced", " 1")] {
+        let (dir, text) = refused_with_schema_version(case, garbage).await;
+        assert!(text.contains("(unreadable)") && text.contains("upgrade Courier"), "{garbage:?}: {text}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }
