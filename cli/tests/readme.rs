@@ -125,7 +125,8 @@ fn readme_examples_with_no_backend_configured_share_a_sqlite_file() {
 #[cfg(feature = "postgres")]
 #[test]
 fn readme_examples_on_postgres() {
-    let url = courier_contract_tests::postgres_url();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let url = runtime.block_on(courier_contract_tests::postgres_url());
     check_readme_on(Backend { url, shared: true, lacks: vec![], data_home: None });
 }
 

@@ -4,9 +4,10 @@
 //! [`courier_core::conformance_tests!`] with its harness from here. A fixture finds its
 //! broker, in order:
 //! 1. the endpoint in its environment variable (`COURIER_TEST_AMQP`, …);
-//! 2. with a Docker engine (`DOCKER_HOST`, or `/var/run/docker.sock`), a container of the
-//!    broker's official image, started through testcontainers once per test process;
-//! 3. the server `scripts/brokers up` started on this machine.
+//! 2. with `COURIER_TEST_BROKERS=containers`, a container started through testcontainers
+//!    once per test process, from the official image or the local one `scripts/images`
+//!    builds (see [`containers`]);
+//! 3. else the server `scripts/brokers up` started on this machine.
 //!
 //! A broker that cannot be reached fails the tests: nothing is skipped.
 #![forbid(unsafe_code)]
@@ -16,6 +17,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use courier_core::conformance::{Harness, Timing};
 use courier_core::{DynBroker, Result};
+
+pub mod containers;
+pub mod faults;
+use containers::Kind;
 
 /// The in-process backend: a fresh broker per case.
 #[derive(Debug, Default, Clone)]
@@ -40,13 +45,8 @@ pub async fn shell(command: &str) {
     assert!(status.success(), "`{command}` failed: {status}");
 }
 
-/// Whether a Docker engine is there to start brokers in.
-pub fn docker_available() -> bool {
-    std::env::var_os("DOCKER_HOST").is_some() || std::path::Path::new("/var/run/docker.sock").exists()
-}
-
-/// RabbitMQ: `$COURIER_TEST_AMQP`; else with Docker, the official `rabbitmq` image; else
-/// the local server at 127.0.0.1:5672 (guest/guest).
+/// RabbitMQ: `$COURIER_TEST_AMQP`; else in containers, a RabbitMQ container; else the
+/// local server at 127.0.0.1:5672 (guest/guest).
 pub async fn amqp_url() -> String {
     static URL: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
     URL.get_or_init(|| async {
@@ -55,69 +55,13 @@ pub async fn amqp_url() -> String {
                 return url;
             }
         }
-        if docker_available() {
-            return containers::rabbitmq().await;
+        if containers::selected() {
+            return containers::shared(Kind::RabbitMq).await;
         }
         "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()
     })
     .await
     .clone()
-}
-
-/// Brokers in containers, for machines with a Docker engine.
-mod containers {
-    use testcontainers::core::{IntoContainerPort, WaitFor};
-    use testcontainers::runners::AsyncRunner;
-    use testcontainers::{ContainerAsync, GenericImage, ImageExt};
-
-    /// Containers live as long as the test process; testcontainers' reaper removes them after.
-    static RUNNING: std::sync::Mutex<Vec<ContainerAsync<GenericImage>>> = std::sync::Mutex::new(Vec::new());
-
-    pub async fn rabbitmq() -> String {
-        eprintln!("fixtures: starting the rabbitmq:3.13 image through testcontainers");
-        let container = GenericImage::new("rabbitmq", "3.13")
-            .with_exposed_port(5672.tcp())
-            .with_wait_for(WaitFor::message_on_stdout("Server startup complete"))
-            .start()
-            .await
-            .unwrap_or_else(|e| panic!("a Docker engine is present but the rabbitmq image did not start: {e}; set COURIER_TEST_AMQP to use another broker"));
-        let host = container.get_host().await.expect("container host");
-        let port = container.get_host_port_ipv4(5672).await.expect("container port");
-        RUNNING.lock().unwrap().push(container);
-        format!("amqp://guest:guest@{host}:{port}/%2f")
-    }
-
-    /// ElasticMQ, with queue URLs that name the address the client used (the mapped port),
-    /// not its default `localhost:9324`.
-    pub async fn elasticmq() -> String {
-        eprintln!("fixtures: starting the softwaremill/elasticmq-native image through testcontainers");
-        const CONFIG: &str = "include classpath(\"application.conf\")\nnode-address { protocol = http, host = \"*\", port = 9324, context-path = \"\" }\n";
-        let container = GenericImage::new("softwaremill/elasticmq-native", "1.6.11")
-            .with_exposed_port(9324.tcp())
-            .with_wait_for(WaitFor::message_on_stdout("ElasticMQ server"))
-            .with_copy_to("/opt/elasticmq.conf", CONFIG.as_bytes().to_vec())
-            .start()
-            .await
-            .unwrap_or_else(|e| panic!("a Docker engine is present but the elasticmq image did not start: {e}; set COURIER_TEST_SQS to use another server"));
-        let host = container.get_host().await.expect("container host");
-        let port = container.get_host_port_ipv4(9324).await.expect("container port");
-        RUNNING.lock().unwrap().push(container);
-        format!("sqs://us-east-1?endpoint=http://{host}:{port}")
-    }
-
-    /// Apache Kafka in KRaft mode, on host port 9092 (what its listener advertises).
-    pub async fn kafka() -> String {
-        eprintln!("fixtures: starting the apache/kafka image through testcontainers");
-        let container = GenericImage::new("apache/kafka", "3.9.1")
-            .with_exposed_port(9092.tcp())
-            .with_wait_for(WaitFor::message_on_stdout("Kafka Server started"))
-            .with_mapped_port(9092, 9092.tcp())
-            .start()
-            .await
-            .unwrap_or_else(|e| panic!("a Docker engine is present but the apache/kafka image did not start: {e}; set COURIER_TEST_KAFKA to use another broker"));
-        RUNNING.lock().unwrap().push(container);
-        "kafka://127.0.0.1:9092".to_owned()
-    }
 }
 
 /// The RabbitMQ backend; each case opens its own connection.
@@ -144,25 +88,20 @@ impl Harness for AmqpHarness {
     }
 }
 
-/// SQS: `$COURIER_TEST_SQS`; else with Docker, the `softwaremill/elasticmq-native` image;
-/// else the moto server `scripts/brokers up` starts at 127.0.0.1:4566. Both servers accept
+/// SQS: `$COURIER_TEST_SQS`; else in containers, a moto container; else the moto server `scripts/brokers up` starts at 127.0.0.1:4566. Both servers accept
 /// any credentials; unless the environment has some, the fixture sets dummy ones for the
 /// AWS credential chain to find.
 pub async fn sqs_url() -> String {
     static URL: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
     URL.get_or_init(|| async {
-        if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
-            // Test processes only; the AWS SDK reads these through its standard chain.
-            std::env::set_var("AWS_ACCESS_KEY_ID", "courier-test");
-            std::env::set_var("AWS_SECRET_ACCESS_KEY", "courier-test");
-        }
+        dummy_aws_credentials();
         if let Ok(url) = std::env::var("COURIER_TEST_SQS") {
             if !url.is_empty() {
                 return url;
             }
         }
-        if docker_available() {
-            return containers::elasticmq().await;
+        if containers::selected() {
+            return containers::shared(Kind::Sqs).await;
         }
         "sqs://us-east-1?endpoint=http://127.0.0.1:4566".to_owned()
     })
@@ -170,9 +109,17 @@ pub async fn sqs_url() -> String {
     .clone()
 }
 
-/// Kafka: `$COURIER_TEST_KAFKA`; else with Docker, the `apache/kafka` image (its default
-/// listener advertises `localhost:9092`, so the container takes that host port); else the
-/// Tansu broker `scripts/brokers up` starts at 127.0.0.1:9092.
+/// Sets dummy AWS credentials for the SDK's standard chain to find, unless the environment
+/// has some: moto accepts any. (Test processes only.)
+pub fn dummy_aws_credentials() {
+    if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "courier-test");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "courier-test");
+    }
+}
+
+/// Kafka: `$COURIER_TEST_KAFKA`; else in containers, a Tansu (or Apache Kafka) container;
+/// else the Tansu broker `scripts/brokers up` starts at 127.0.0.1:9092.
 ///
 /// Against Tansu, producers send one record per batch (`batch.num.messages=1`): Tansu 0.6
 /// answers a fetch that starts inside a record batch with the *next* batch, so a consumer
@@ -186,8 +133,8 @@ pub async fn kafka_url() -> String {
                 return url;
             }
         }
-        if docker_available() {
-            return containers::kafka().await;
+        if containers::selected() {
+            return containers::shared(Kind::Kafka).await;
         }
         "kafka://127.0.0.1:9092?batch.num.messages=1".to_owned()
     })
@@ -308,10 +255,19 @@ impl Harness for SqliteHarness {
     }
 }
 
-/// PostgreSQL: `$COURIER_TEST_POSTGRES`, else the server `scripts/brokers up` started
-/// (127.0.0.1:5432, database `test`, trust authentication).
-pub fn postgres_url() -> String {
-    endpoint("COURIER_TEST_POSTGRES", "postgres://postgres@127.0.0.1:5432/test")
+/// PostgreSQL: `$COURIER_TEST_POSTGRES`; else in containers, a PostgreSQL container; else
+/// the server `scripts/brokers up` started (127.0.0.1:5432, database `test`, trust
+/// authentication).
+pub async fn postgres_url() -> String {
+    static URL: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    URL.get_or_init(|| async {
+        if std::env::var("COURIER_TEST_POSTGRES").map_or(true, |v| v.is_empty()) && containers::selected() {
+            return containers::shared(Kind::Postgres).await;
+        }
+        endpoint("COURIER_TEST_POSTGRES", "postgres://postgres@127.0.0.1:5432/test")
+    })
+    .await
+    .clone()
 }
 
 /// PostgreSQL, shared by every case (each uses names of its own).
@@ -321,7 +277,7 @@ pub struct PostgresHarness;
 #[async_trait]
 impl Harness for PostgresHarness {
     async fn broker(&self) -> Result<DynBroker> {
-        let url = postgres_url();
+        let url = postgres_url().await;
         let broker = courier_sql::SqlBroker::connect(&url).await.map_err(|e| {
             eprintln!("cannot use PostgreSQL at {}: {e}; run scripts/brokers up", courier_core::redact_url(&url));
             e

@@ -143,7 +143,7 @@ async fn a_handler_span_is_the_child_of_its_send_on_every_backend() {
     for (backend, url) in [
         ("memory", "memory://".to_owned()),
         ("sqlite", sqlite),
-        ("postgres", postgres_url()),
+        ("postgres", postgres_url().await),
         ("rabbitmq", amqp_url().await),
         ("kafka", kafka_url().await),
         ("sqs", sqs_url().await),

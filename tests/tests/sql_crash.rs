@@ -291,7 +291,7 @@ async fn sqlite_survives_kill_9_during_sends_and_acks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_survives_kill_9_during_sends_and_acks() {
-    crash_twice_lose_nothing(&postgres_url(), "postgres-crash").await;
+    crash_twice_lose_nothing(&postgres_url().await, "postgres-crash").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,7 +301,7 @@ async fn processes_sharing_a_sqlite_file_handle_each_message_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processes_sharing_a_postgres_queue_handle_each_message_once() {
-    competing_processes_handle_each_message_once(&postgres_url(), "postgres-share").await;
+    competing_processes_handle_each_message_once(&postgres_url().await, "postgres-share").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,7 +311,7 @@ async fn sqlite_worker_killed_with_kill_9_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_worker_killed_with_kill_9_loses_nothing() {
-    a_killed_worker_loses_nothing(&postgres_url(), "postgres-worker-crash").await;
+    a_killed_worker_loses_nothing(&postgres_url().await, "postgres-worker-crash").await;
 }
 
 /// A process that starts while others send must not fail their sends: connecting checks
@@ -324,7 +324,7 @@ async fn a_process_connecting_while_others_send_fails_no_send() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
-    let url = postgres_url();
+    let url = postgres_url().await;
     let broker = Arc::new(courier_sql::SqlBroker::connect(&url).await.expect("connect"));
     let to = Destination::queue(&unique_name("connect-while-sending")).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -373,7 +373,7 @@ async fn a_send_aborted_as_a_deadlock_runs_again() {
     use courier_core::{Broker, Destination, Message};
     use courier_sql::sqlx::{self, Connection};
 
-    let url = postgres_url();
+    let url = postgres_url().await;
     let broker = courier_sql::SqlBroker::connect(&url).await.expect("connect");
     let to = Destination::queue(&unique_name("deadlocked-send")).unwrap();
     broker.send(&to, Message::new("first")).await.expect("the queue exists");

@@ -1,0 +1,329 @@
+//! Brokers in containers, started through testcontainers when `COURIER_TEST_BROKERS` is
+//! `containers`.
+//!
+//! **Images.** Each broker has an official image and a local one that `scripts/images`
+//! builds from registry packages, for machines where no registry is reachable:
+//!
+//! | broker | official | local (`scripts/images`) | variable |
+//! |---|---|---|---|
+//! | RabbitMQ | `rabbitmq:3.13` | `courier-test/rabbitmq:bookworm` | `COURIER_TEST_IMAGE_RABBITMQ` |
+//! | Kafka API | `apache/kafka:3.9.1` | `courier-test/tansu:bookworm` | `COURIER_TEST_IMAGE_KAFKA` |
+//! | SQS API | `motoserver/moto:5.1.4` | `courier-test/moto:bookworm` | `COURIER_TEST_IMAGE_SQS` |
+//! | PostgreSQL | `postgres:17` | `courier-test/postgres:bookworm` | `COURIER_TEST_IMAGE_POSTGRES` |
+//!
+//! Unless its variable names one (`name:tag`), a fixture takes the official image when the
+//! engine has it, else the local one when the engine has that, else the official image,
+//! which testcontainers pulls. (`scripts/images` pulls the official images where a
+//! registry answers, and builds the local ones where none does.)
+//!
+//! **Lifetimes.** The shared broker of a test process (one per broker, started on first
+//! use) lives as long as the process. A container can outlive a process that ends without
+//! dropping it, so each one is labelled `courier.test` and watched by a small reaper, a
+//! shell that removes the container once the test process has exited, however it ended.
+//! `scripts/test` checks that no labelled container is left after a run.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use testcontainers::core::{IntoContainerPort, WaitFor};
+use testcontainers::runners::AsyncRunner;
+use testcontainers::{ContainerAsync, GenericImage, ImageExt};
+
+/// What Tansu prints once it listens.
+const TANSU_READY: &str = "TANSU_READY_PLACEHOLDER";
+
+/// Whether the fixtures start brokers in containers (`COURIER_TEST_BROKERS=containers`)
+/// rather than use the servers `scripts/brokers up` started on this machine.
+pub fn selected() -> bool {
+    match std::env::var("COURIER_TEST_BROKERS").as_deref() {
+        Ok("containers") => true,
+        Ok("" | "local") | Err(_) => false,
+        Ok(other) => panic!("COURIER_TEST_BROKERS is {other:?}: set it to `containers` or `local` (the default)"),
+    }
+}
+
+/// A broker the fixtures can start in a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// RabbitMQ (AMQP 0-9-1).
+    RabbitMq,
+    /// A Kafka API: Apache Kafka, or Tansu in the local image.
+    Kafka,
+    /// An SQS API: moto's server.
+    Sqs,
+    /// PostgreSQL.
+    Postgres,
+}
+
+impl Kind {
+    fn official(self) -> &'static str {
+        match self {
+            Kind::RabbitMq => "rabbitmq:3.13",
+            Kind::Kafka => "apache/kafka:3.9.1",
+            Kind::Sqs => "motoserver/moto:5.1.4",
+            Kind::Postgres => "postgres:17",
+        }
+    }
+
+    fn local(self) -> &'static str {
+        match self {
+            Kind::RabbitMq => "courier-test/rabbitmq:bookworm",
+            Kind::Kafka => "courier-test/tansu:bookworm",
+            Kind::Sqs => "courier-test/moto:bookworm",
+            Kind::Postgres => "courier-test/postgres:bookworm",
+        }
+    }
+
+    fn variable(self) -> &'static str {
+        match self {
+            Kind::RabbitMq => "COURIER_TEST_IMAGE_RABBITMQ",
+            Kind::Kafka => "COURIER_TEST_IMAGE_KAFKA",
+            Kind::Sqs => "COURIER_TEST_IMAGE_SQS",
+            Kind::Postgres => "COURIER_TEST_IMAGE_POSTGRES",
+        }
+    }
+
+    fn port(self) -> u16 {
+        match self {
+            Kind::RabbitMq => 5672,
+            Kind::Kafka => 9092, // unused: Kafka's port is chosen per container
+            Kind::Sqs => 4566,
+            Kind::Postgres => 5432,
+        }
+    }
+
+    /// The image to run: its variable's, else the official one if present, else the local
+    /// one if present, else the official one (pulled).
+    pub fn image(self) -> String {
+        if let Ok(image) = std::env::var(self.variable()) {
+            if !image.is_empty() {
+                return image;
+            }
+        }
+        [self.official(), self.local()]
+            .into_iter()
+            .find(|image| engine_has(image))
+            .unwrap_or(self.official())
+            .to_owned()
+    }
+}
+
+fn engine_has(image: &str) -> bool {
+    std::process::Command::new("docker")
+        .args(["image", "inspect", "--format", "{{.Id}}", image])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A port free on this machine now, for a broker whose host port must be known before it
+/// starts (Kafka advertises it) or must stay the same when it is started again.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free local port").port()
+}
+
+/// A broker running in a container, on a fixed host port so that it keeps its address when
+/// it is killed and started again. Dropping it removes the container and its volumes.
+pub struct BrokerContainer {
+    container: ContainerAsync<GenericImage>,
+    /// The URL Courier connects with.
+    pub url: String,
+    /// What ran: the image and the host port.
+    pub image: String,
+    /// The host port mapped onto the broker's port.
+    pub port: u16,
+}
+
+impl std::fmt::Debug for BrokerContainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerContainer")
+            .field("id", &self.id())
+            .field("image", &self.image)
+            .field("url", &self.url)
+            .finish()
+    }
+}
+
+impl BrokerContainer {
+    /// Starts `kind`'s broker and waits until it accepts clients.
+    pub async fn start(kind: Kind) -> BrokerContainer {
+        let image = kind.image();
+        if kind == Kind::Sqs {
+            crate::dummy_aws_credentials();
+        }
+        let port = free_port();
+        let official = !image.starts_with("courier-test/");
+        let (name, tag) = image.rsplit_once(':').unwrap_or((&image, "latest"));
+        eprintln!("fixtures: starting {image} through testcontainers on 127.0.0.1:{port}");
+        let base = GenericImage::new(name, tag);
+        let base = match (kind, official) {
+            (Kind::RabbitMq, _) => base.with_wait_for(WaitFor::message_on_stdout("Server startup complete")),
+            (Kind::Kafka, false) => base.with_wait_for(WaitFor::message_on_stdout(TANSU_READY)),
+            (Kind::Kafka, true) => base.with_wait_for(WaitFor::message_on_stdout("Kafka Server started")),
+            (Kind::Sqs, _) => base.with_wait_for(WaitFor::message_on_stderr("Running on")),
+            (Kind::Postgres, _) => {
+                base.with_wait_for(WaitFor::message_on_stderr("database system is ready to accept connections"))
+            }
+        };
+        // Kafka's port is the same inside and out, as its brokers advertise it to clients.
+        let inside = if kind == Kind::Kafka { port } else { kind.port() };
+        let request = base
+            .with_mapped_port(port, inside.tcp())
+            .with_label("courier.test", "fixture")
+            .with_startup_timeout(Duration::from_secs(120));
+        let request = match (kind, official) {
+            (Kind::Kafka, false) => request.with_cmd(tansu_args(port, "memory://tansu/")),
+            (Kind::Kafka, true) => request
+                .with_env_var("KAFKA_NODE_ID", "1")
+                .with_env_var("KAFKA_PROCESS_ROLES", "broker,controller")
+                .with_env_var("KAFKA_LISTENERS", format!("PLAINTEXT://:{port},CONTROLLER://:9093"))
+                .with_env_var("KAFKA_ADVERTISED_LISTENERS", format!("PLAINTEXT://127.0.0.1:{port}"))
+                .with_env_var("KAFKA_CONTROLLER_LISTENER_NAMES", "CONTROLLER")
+                .with_env_var("KAFKA_LISTENER_SECURITY_PROTOCOL_MAP", "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT")
+                .with_env_var("KAFKA_CONTROLLER_QUORUM_VOTERS", "1@localhost:9093")
+                .with_env_var("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "1"),
+            (Kind::Sqs, true) => request.with_env_var("MOTO_PORT", "4566"),
+            (Kind::Postgres, true) => {
+                request.with_env_var("POSTGRES_HOST_AUTH_METHOD", "trust").with_env_var("POSTGRES_DB", "test")
+            }
+            _ => request,
+        };
+        let container = request.start().await.unwrap_or_else(|e| {
+            panic!(
+                "the {image} container did not start: {e}. Run scripts/images to build the local images, or set {} to another image",
+                kind.variable()
+            )
+        });
+        reap_when_this_process_ends(container.id());
+        let url = match kind {
+            Kind::RabbitMq => format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+            // One record per batch against Tansu: see `kafka_url`.
+            Kind::Kafka if !official => format!("kafka://127.0.0.1:{port}?batch.num.messages=1"),
+            Kind::Kafka => format!("kafka://127.0.0.1:{port}"),
+            Kind::Sqs => format!("sqs://us-east-1?endpoint=http://127.0.0.1:{port}"),
+            Kind::Postgres => format!("postgres://postgres@127.0.0.1:{port}/test"),
+        };
+        BrokerContainer { container, url, image, port }
+    }
+
+    /// The container's id, for `docker` commands.
+    pub fn id(&self) -> &str {
+        self.container.id()
+    }
+
+    /// Kills the broker with SIGKILL, as a crash or the kernel's OOM killer would: no clean
+    /// shutdown. Its volumes stay.
+    pub async fn kill(&self) {
+        crate::shell(&format!("docker kill --signal KILL {} >/dev/null", self.id())).await;
+    }
+
+    /// Starts the container again, with the same volumes and the same host port.
+    pub async fn restart(&self) {
+        self.container.start().await.expect("start the broker's container again");
+    }
+
+    /// Freezes every process of the broker (`docker pause`): connections stay open and
+    /// nothing answers on them, as behind a network cut or a half-open connection.
+    pub async fn pause(&self) {
+        self.container.pause().await.expect("pause the broker's container");
+    }
+
+    /// Lets the broker run again after [`pause`](Self::pause).
+    pub async fn unpause(&self) {
+        self.container.unpause().await.expect("unpause the broker's container");
+    }
+
+    /// Keeps the container until this process ends (the reaper then removes it), for the
+    /// broker shared by every test of a process.
+    pub fn keep_for_this_process(self) -> String {
+        static KEPT: std::sync::Mutex<Vec<ContainerAsync<GenericImage>>> = std::sync::Mutex::new(Vec::new());
+        KEPT.lock().unwrap().push(self.container);
+        self.url
+    }
+}
+
+/// A Kafka API that keeps its data when its container is killed: Tansu with its log in
+/// the S3 of a moto container beside it (Tansu keeps no state of its own), or, where
+/// `COURIER_TEST_IMAGE_KAFKA` names an Apache Kafka image, that broker with its log
+/// directory in the container. The first is the broker to kill; the second is its storage.
+pub async fn durable_kafka() -> (BrokerContainer, Option<BrokerContainer>) {
+    let image = Kind::Kafka.image();
+    if !image.starts_with("courier-test/") {
+        return (BrokerContainer::start(Kind::Kafka).await, None);
+    }
+    let storage = BrokerContainer::start(Kind::Sqs).await;
+    const BUCKET: &str = "courier-tansu";
+    crate::shell(&format!("curl -sf -o /dev/null -X PUT http://127.0.0.1:{}/{BUCKET}", storage.port)).await;
+    let address = container_address(storage.id()).await;
+    let port = free_port();
+    eprintln!("fixtures: starting {image} on 127.0.0.1:{port} with its log in s3://{BUCKET} at {address}:4566");
+    let (name, tag) = image.rsplit_once(':').unwrap_or((&image, "latest"));
+    let container = GenericImage::new(name, tag)
+        .with_wait_for(WaitFor::message_on_stdout(TANSU_READY))
+        .with_mapped_port(port, port.tcp())
+        .with_label("courier.test", "fixture")
+        .with_startup_timeout(Duration::from_secs(120))
+        .with_env_var("AWS_ENDPOINT", format!("http://{address}:4566"))
+        .with_env_var("AWS_ALLOW_HTTP", "true")
+        .with_env_var("AWS_ACCESS_KEY_ID", "courier")
+        .with_env_var("AWS_SECRET_ACCESS_KEY", "courier")
+        .with_env_var("AWS_DEFAULT_REGION", "us-east-1")
+        .with_cmd(tansu_args(port, &format!("s3://{BUCKET}/")))
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("the {image} container did not start: {e}"));
+    reap_when_this_process_ends(container.id());
+    let url = format!("kafka://127.0.0.1:{port}?batch.num.messages=1");
+    (BrokerContainer { container, url, image, port }, Some(storage))
+}
+
+/// Tansu's arguments: listen and advertise on `port` (the same inside and out), and keep
+/// the log in `storage`.
+fn tansu_args(port: u16, storage: &str) -> Vec<String> {
+    vec![
+        "--listener-url".into(),
+        format!("tcp://0.0.0.0:{port}"),
+        "--advertised-listener-url".into(),
+        format!("tcp://127.0.0.1:{port}"),
+        "--storage-engine".into(),
+        storage.into(),
+    ]
+}
+
+/// A container's address on Docker's bridge network, where other containers reach it.
+async fn container_address(id: &str) -> String {
+    let output = tokio::process::Command::new("docker")
+        .args(["inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", id])
+        .output()
+        .await
+        .expect("run docker inspect");
+    let address = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    assert!(!address.is_empty(), "container {id} has no address on a Docker network");
+    address
+}
+
+/// Starts a shell, in a process group of its own (so a signal to the test's group spares
+/// it), that removes container `id` with its volumes once this process has exited.
+fn reap_when_this_process_ends(id: &str) {
+    use std::os::unix::process::CommandExt;
+    let script = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; docker rm --force --volumes {id} >/dev/null 2>&1",
+        pid = std::process::id()
+    );
+    let spawned = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn();
+    if let Err(e) = spawned {
+        eprintln!("fixtures: cannot start the reaper of container {id} ({e}); scripts/test removes it after the run");
+    }
+}
+
+/// The broker of `kind` shared by every test of this process: started once, on first use.
+pub async fn shared(kind: Kind) -> String {
+    BrokerContainer::start(kind).await.keep_for_this_process()
+}
