@@ -133,6 +133,8 @@ pub struct BrokerContainer {
     pub image: String,
     /// The host port mapped onto the broker's port.
     pub port: u16,
+    /// The host name it was given, if any.
+    hostname: Option<String>,
 }
 
 impl std::fmt::Debug for BrokerContainer {
@@ -204,7 +206,12 @@ impl BrokerContainer {
             Kind::Sqs => format!("sqs://us-east-1?endpoint=http://127.0.0.1:{port}"),
             Kind::Postgres => format!("postgres://postgres@127.0.0.1:{port}/test"),
         };
-        BrokerContainer { container, url, image, port }
+        BrokerContainer { container, url, image, port, hostname: None }
+    }
+
+    /// The container's host name (inside Docker's network), which names a RabbitMQ node.
+    pub fn hostname(&self) -> String {
+        self.hostname.clone().unwrap_or_else(|| self.id().chars().take(12).collect())
     }
 
     /// The container's id, for `docker` commands.
@@ -275,7 +282,87 @@ pub async fn durable_kafka() -> (BrokerContainer, Option<BrokerContainer>) {
         .unwrap_or_else(|e| panic!("the {image} container did not start: {e}"));
     reap_when_this_process_ends(container.id());
     let url = format!("kafka://127.0.0.1:{port}?batch.num.messages=1");
-    (BrokerContainer { container, url, image, port }, Some(storage))
+    (BrokerContainer { container, url, image, port, hostname: None }, Some(storage))
+}
+
+/// RabbitMQ nodes clustered on a Docker network of their own, each on a host port of its
+/// own. Dropping it removes the containers and the network.
+#[derive(Debug)]
+pub struct RabbitMqCluster {
+    /// The nodes, in the order of their names (`…-1`, `…-2`, …).
+    pub nodes: Vec<BrokerContainer>,
+}
+
+/// Starts `size` RabbitMQ nodes that form one cluster as they boot (peer discovery from a
+/// fixed list of nodes), and waits until every node runs in it.
+pub async fn rabbitmq_cluster(size: usize) -> RabbitMqCluster {
+    let image = Kind::RabbitMq.image();
+    let (name, tag) = image.rsplit_once(':').unwrap_or((&image, "latest"));
+    let stem = courier_core::conformance::unique_name("rabbit").to_lowercase();
+    let network = format!("{stem}-net");
+    let hosts: Vec<String> = (1..=size).map(|i| format!("{stem}-{i}")).collect();
+    let mut config = String::from(
+        "loopback_users = none\nlog.console = true\nlog.console.level = info\nlog.file = false\n\
+         cluster_formation.peer_discovery_backend = classic_config\n",
+    );
+    for (i, host) in hosts.iter().enumerate() {
+        config.push_str(&format!("cluster_formation.classic_config.nodes.{} = rabbit@{host}\n", i + 1));
+    }
+    eprintln!("fixtures: starting a cluster of {size} {image} nodes on network {network}");
+    let starts = hosts.iter().map(|host| {
+        let port = free_port();
+        let request = GenericImage::new(name, tag)
+            .with_wait_for(WaitFor::message_on_stdout("Server startup complete"))
+            .with_mapped_port(port, 5672.tcp())
+            .with_label("courier.test", "fixture")
+            .with_startup_timeout(Duration::from_secs(180))
+            .with_network(network.clone())
+            .with_container_name(host.clone())
+            .with_hostname(host.clone())
+            // The official image takes the cookie from here; the local one has it built in.
+            .with_env_var("RABBITMQ_ERLANG_COOKIE", "courier-test-cookie")
+            .with_copy_to("/etc/rabbitmq/rabbitmq.conf", config.clone().into_bytes());
+        let (image, hostname) = (image.clone(), Some(host.clone()));
+        async move {
+            let container =
+                request.start().await.unwrap_or_else(|e| panic!("a {image} cluster node did not start: {e}"));
+            reap_when_this_process_ends(container.id());
+            BrokerContainer {
+                container,
+                url: format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+                image,
+                port,
+                hostname,
+            }
+        }
+    });
+    let nodes = futures::future::join_all(starts).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let output = tokio::process::Command::new("docker")
+            .args(["exec", nodes[0].id(), "rabbitmqctl", "-q", "cluster_status", "--formatter", "json"])
+            .output()
+            .await
+            .expect("run docker exec");
+        let status = String::from_utf8_lossy(&output.stdout);
+        let running = hosts.iter().filter(|host| status.contains(&format!("rabbit@{host}"))).count();
+        if running == size && status.contains("running_nodes") && running_nodes(&status) == size {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the {size} RabbitMQ nodes did not form one cluster within 120 s: {status}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    RabbitMqCluster { nodes }
+}
+
+/// How many nodes `rabbitmqctl cluster_status --formatter json` lists as running.
+fn running_nodes(status: &str) -> usize {
+    let Some((_, rest)) = status.split_once("\"running_nodes\":[") else { return 0 };
+    let list = rest.split(']').next().unwrap_or_default();
+    list.matches("rabbit@").count()
 }
 
 /// Tansu's arguments: listen and advertise on `port` (the same inside and out), and keep

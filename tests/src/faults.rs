@@ -36,8 +36,24 @@ where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send,
 {
-    let broker = courier::connect(url).await.unwrap_or_else(|e| panic!("connect to {url}: {e}"));
     let source = Source::queue(&unique_name("fault-stream")).unwrap();
+    stream_through_fault_on(url, source, n, stall, fault).await
+}
+
+/// [`stream_through_fault`] on `source`, which may exist already (made elsewhere, with
+/// settings of its own).
+pub async fn stream_through_fault_on<F, Fut>(
+    url: &str,
+    source: Source,
+    n: usize,
+    stall: Duration,
+    fault: F,
+) -> StreamReport
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let broker = courier::connect(url).await.unwrap_or_else(|e| panic!("connect to {url}: {e}"));
     broker.declare(&source).await.unwrap();
 
     let processed: Arc<Mutex<HashSet<String>>> = Arc::default();

@@ -3,6 +3,8 @@
 //! images with `scripts/images`):
 //! - a broker killed with SIGKILL (no clean shutdown) in the middle of a 10,000-message
 //!   worker run, then started again on the same volume;
+//! - one node of a three-node RabbitMQ cluster, the leader of a quorum queue, killed
+//!   with SIGKILL and left down: every message whose publish was confirmed is delivered;
 //! - a broker frozen for 30 s (`docker pause`): its connections stay open and nothing
 //!   answers on them, as behind a network cut or a half-open connection.
 //!
@@ -11,8 +13,10 @@
 
 use std::time::Duration;
 
-use courier_contract_tests::containers::{durable_kafka, BrokerContainer, Kind};
-use courier_contract_tests::faults::stream_through_fault;
+use courier::Source;
+use courier_contract_tests::containers::{durable_kafka, rabbitmq_cluster, BrokerContainer, Kind};
+use courier_contract_tests::faults::{stream_through_fault, stream_through_fault_on};
+use courier_core::conformance::unique_name;
 
 /// Messages through the Kafka broker that is killed.
 const KAFKA_KILL_MESSAGES: usize = 10_000;
@@ -81,4 +85,59 @@ async fn kafka_silent_for_30_s_mid_stream_loses_nothing() {
 async fn sqs_silent_for_30_s_mid_stream_loses_nothing() {
     // moto handles about 200 messages a second.
     silent_for_30_s(Kind::Sqs, 400).await;
+}
+
+/// A quorum queue is declared through node 1, which then leads it (RabbitMQ places a new
+/// quorum queue's leader on the node the client is connected to); the worker and the
+/// producer use node 2. Node 1 is killed and stays down: the other two elect a new leader,
+/// and every message whose publish was confirmed is still delivered (the set of confirmed
+/// ids minus the set of processed ones is empty).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_cluster_leader_killed_loses_no_confirmed_message() {
+    log();
+    let cluster = std::sync::Arc::new(rabbitmq_cluster(3).await);
+    let quorum = |i: usize| format!("{}?queue_type=quorum", cluster.nodes[i].url);
+    let source = Source::queue(&unique_name("quorum")).unwrap();
+    let node1 = courier::connect(&quorum(0)).await.expect("connect to node 1");
+    node1.declare(&source).await.expect("declare the quorum queue through node 1");
+    drop(node1);
+    let queue = source.to_string().trim_start_matches("queue:").to_owned();
+    let node = |i: usize| format!("rabbit@{}", cluster.nodes[i].hostname());
+    let (leader, members) = leader_and_members(&cluster.nodes[1], &queue).await;
+    assert_eq!(leader, node(0), "node 1 leads the queue it declared");
+    assert_eq!(members.len(), 3, "the queue has a replica on every node: {members:?}");
+    let killed = cluster.clone();
+    stream_through_fault_on(&quorum(1), source, 5_000, STALL, move || async move {
+        killed.nodes[0].kill().await;
+    })
+    .await;
+    let (after, _) = leader_and_members(&cluster.nodes[1], &queue).await;
+    assert_ne!(after, node(0), "another node took the lead");
+    println!("the quorum queue's leader moved from {leader} to {after}");
+}
+
+/// The leader and members of quorum queue `queue`, as `rabbitmqctl` on `node` lists them.
+async fn leader_and_members(node: &BrokerContainer, queue: &str) -> (String, Vec<String>) {
+    let output = tokio::process::Command::new("docker")
+        .args([
+            "exec",
+            node.id(),
+            "rabbitmqctl",
+            "-q",
+            "list_queues",
+            "name",
+            "leader",
+            "members",
+            "--formatter",
+            "json",
+        ])
+        .output()
+        .await
+        .expect("run rabbitmqctl in the container");
+    let listing = String::from_utf8_lossy(&output.stdout);
+    let queues: Vec<serde_json::Value> =
+        serde_json::from_str(&listing).unwrap_or_else(|e| panic!("rabbitmqctl list_queues printed {listing:?}: {e}"));
+    let entry = queues.iter().find(|q| q["name"] == queue).unwrap_or_else(|| panic!("no queue {queue} in {listing}"));
+    let members = entry["members"].as_array().map(|m| m.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect());
+    (entry["leader"].as_str().unwrap_or_default().to_owned(), members.unwrap_or_default())
 }
