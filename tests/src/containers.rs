@@ -30,7 +30,7 @@ use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt};
 
 /// What Tansu prints once it listens.
-const TANSU_READY: &str = "TANSU_READY_PLACEHOLDER";
+const TANSU_READY: &str = "ready in ";
 
 /// Whether the fixtures start brokers in containers (`COURIER_TEST_BROKERS=containers`)
 /// rather than use the servers `scripts/brokers up` started on this machine.
@@ -281,7 +281,14 @@ pub async fn durable_kafka() -> (BrokerContainer, Option<BrokerContainer>) {
         .await
         .unwrap_or_else(|e| panic!("the {image} container did not start: {e}"));
     reap_when_this_process_ends(container.id());
-    let url = format!("kafka://127.0.0.1:{port}?batch.num.messages=1");
+    // Producers here are not idempotent. Tansu 0.6 on S3, killed with SIGKILL, can lose an
+    // idempotent producer's record: the record is sent again after the restart, and Tansu
+    // answers that it has it already (a duplicate sequence number), though its batch was
+    // never stored. librdkafka rightly takes that answer as a delivery. Seen in two of
+    // two runs of 1,000 records, each time with one offset missing from the stored log;
+    // none was lost in runs without idempotence. Apache Kafka keeps its producers'
+    // sequence numbers with the log itself.
+    let url = format!("kafka://127.0.0.1:{port}?batch.num.messages=1&enable.idempotence=false");
     (BrokerContainer { container, url, image, port, hostname: None }, Some(storage))
 }
 

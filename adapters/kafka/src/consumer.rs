@@ -383,12 +383,23 @@ impl ConsumerContext for Rebalancer {
             }
         }
         let positions = shared.state.lock().unwrap().revoke(Some(&revoked));
-        tracing::debug!(?revoked, ?positions, "partitions revoked");
-        commit_positions(
-            consumer,
-            positions,
-            "committing revoked partitions failed; their new owner may deliver some messages again",
-        );
+        // Partitions lost (the session timed out, say behind a network cut) belong to the
+        // group no more: a commit for them cannot succeed, and a synchronous one would
+        // block this thread, and with it the rejoin, until the coordinator answers, which
+        // may be never. Their next owner redelivers what was not committed.
+        if consumer.assignment_lost() {
+            tracing::warn!(
+                ?revoked,
+                "partitions lost (the group session timed out); their next owner redelivers what was not committed"
+            );
+        } else {
+            tracing::debug!(?revoked, ?positions, "partitions revoked");
+            commit_positions(
+                consumer,
+                positions,
+                "committing revoked partitions failed; their new owner may deliver some messages again",
+            );
+        }
         shared.settled.notify_one();
     }
 }
