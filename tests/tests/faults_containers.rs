@@ -44,17 +44,23 @@ async fn silent_for_30_s(kind: Kind, n: usize) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rabbitmq_killed_with_sigkill_mid_stream_loses_nothing() {
-    log();
-    let broker = std::sync::Arc::new(BrokerContainer::start(Kind::RabbitMq).await);
+/// Runs `n` messages through a worker on `broker` while it is killed with SIGKILL and, 2 s
+/// later, started again on the same volumes.
+async fn killed_and_restarted(broker: BrokerContainer, n: usize) {
+    let broker = std::sync::Arc::new(broker);
     let killed = broker.clone();
-    stream_through_fault(&broker.url, 10_000, STALL, move || async move {
+    stream_through_fault(&broker.url, n, STALL, move || async move {
         killed.kill().await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         killed.restart().await;
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_killed_with_sigkill_mid_stream_loses_nothing() {
+    log();
+    killed_and_restarted(BrokerContainer::start(Kind::RabbitMq).await, 10_000).await;
 }
 
 /// Tansu keeps no state of its own: its log is in the S3 of a moto container beside it,
@@ -63,14 +69,7 @@ async fn rabbitmq_killed_with_sigkill_mid_stream_loses_nothing() {
 async fn kafka_killed_with_sigkill_mid_stream_loses_nothing() {
     log();
     let (broker, _storage) = durable_kafka().await;
-    let broker = std::sync::Arc::new(broker);
-    let killed = broker.clone();
-    stream_through_fault(&broker.url, KAFKA_KILL_MESSAGES, STALL, move || async move {
-        killed.kill().await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        killed.restart().await;
-    })
-    .await;
+    killed_and_restarted(broker, KAFKA_KILL_MESSAGES).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
