@@ -10,19 +10,6 @@ use std::time::{Duration, Instant};
 use courier::{App, Context, Message, RouteOptions, Source};
 use courier_core::conformance::unique_name;
 
-/// What [`stream_through_fault`] saw.
-#[derive(Debug)]
-pub struct StreamReport {
-    /// Messages handled when the fault began.
-    pub fault_at: usize,
-    /// Handler calls in all: `n` plus the repeats (delivery is at least once).
-    pub handled: usize,
-    /// Batch sends that failed (retryably) and were sent again.
-    pub send_failures: usize,
-    /// From the first send until every message was processed.
-    pub took: Duration,
-}
-
 /// Sends `n` messages to a new queue on the broker at `url`, in paced batches of 100, while
 /// one worker (concurrency 8, batches of 10) handles them; once a fifth are handled, runs
 /// `fault`. A batch whose send fails is sent again, as an application would, and only a
@@ -31,7 +18,7 @@ pub struct StreamReport {
 /// Asserts that every sent message was processed at least once by the same worker, never
 /// restarted, and that the queue is empty afterwards (where the broker can purge). It waits while anything moves, and
 /// gives up once nothing has for `stall`.
-pub async fn stream_through_fault<F, Fut>(url: &str, n: usize, stall: Duration, fault: F) -> StreamReport
+pub async fn stream_through_fault<F, Fut>(url: &str, n: usize, stall: Duration, fault: F)
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send,
@@ -42,13 +29,7 @@ where
 
 /// [`stream_through_fault`] on `source`, which may exist already (made elsewhere, with
 /// settings of its own).
-pub async fn stream_through_fault_on<F, Fut>(
-    url: &str,
-    source: Source,
-    n: usize,
-    stall: Duration,
-    fault: F,
-) -> StreamReport
+pub async fn stream_through_fault_on<F, Fut>(url: &str, source: Source, n: usize, stall: Duration, fault: F)
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send,
@@ -165,5 +146,4 @@ where
     if broker.capabilities().purge {
         assert_eq!(broker.purge(&source).await.unwrap(), 0, "no unprocessed leftovers");
     }
-    StreamReport { fault_at, handled, send_failures, took }
 }
