@@ -64,6 +64,12 @@ pub async fn amqp_url() -> String {
     .clone()
 }
 
+/// `url` with `settings` (`key=value&…`) added to its query, whether it has one or not.
+pub fn with_settings(url: &str, settings: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}{settings}")
+}
+
 /// The RabbitMQ backend; each case opens its own connection.
 #[derive(Debug, Default, Clone)]
 pub struct AmqpHarness;
@@ -73,9 +79,8 @@ impl Harness for AmqpHarness {
     async fn broker(&self) -> Result<DynBroker> {
         let url = amqp_url().await;
         // Each case makes uniquely named queues; let RabbitMQ drop them once unused.
-        let sep = if url.contains('?') { '&' } else { '?' };
         let broker =
-            courier_amqp::AmqpBroker::connect(&format!("{url}{sep}queue_expires_secs=300")).await.map_err(|e| {
+            courier_amqp::AmqpBroker::connect(&with_settings(&url, "queue_expires_secs=300")).await.map_err(|e| {
                 eprintln!("cannot reach RabbitMQ at {}: {e}; run scripts/brokers up", courier_core::redact_url(&url));
                 e
             })?;

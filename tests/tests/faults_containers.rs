@@ -17,6 +17,7 @@ use std::time::Duration;
 use courier::Source;
 use courier_contract_tests::containers::{durable_kafka, rabbitmq_cluster, BrokerContainer, Kind};
 use courier_contract_tests::faults::{stream_through_fault, stream_through_fault_on};
+use courier_contract_tests::with_settings;
 use courier_core::conformance::unique_name;
 
 /// Long enough for a fault of 30 s and the reconnects after it.
@@ -29,15 +30,15 @@ fn log() {
 
 /// Runs `n` messages through a worker on a new `kind` broker while it is frozen for 30 s.
 async fn silent_for_30_s(kind: Kind, n: usize) {
-    silent_for_30_s_with(kind, "", n).await
+    silent_for_30_s_with(kind, None, n).await
 }
 
-/// [`silent_for_30_s`], with `settings` added to the broker's URL.
-async fn silent_for_30_s_with(kind: Kind, settings: &str, n: usize) {
+/// [`silent_for_30_s`], with `settings` (`key=value&…`) added to the broker's URL.
+async fn silent_for_30_s_with(kind: Kind, settings: Option<&str>, n: usize) {
     log();
     let broker = std::sync::Arc::new(BrokerContainer::start(kind).await);
     let frozen = broker.clone();
-    let url = format!("{}{settings}", broker.url);
+    let url = settings.map_or_else(|| broker.url.clone(), |settings| with_settings(&broker.url, settings));
     stream_through_fault(&url, n, STALL, move || async move {
         frozen.pause().await;
         tokio::time::sleep(Duration::from_secs(30)).await;
@@ -86,7 +87,7 @@ async fn rabbitmq_silent_for_30_s_mid_stream_loses_nothing() {
 /// producers, and librdkafka takes it as fatal, so that producer could send nothing more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_silent_for_30_s_mid_stream_loses_nothing() {
-    silent_for_30_s_with(Kind::Kafka, "&session.timeout.ms=45000&enable.idempotence=false", 3_000).await;
+    silent_for_30_s_with(Kind::Kafka, Some("session.timeout.ms=45000&enable.idempotence=false"), 3_000).await;
 }
 
 /// The same silence with Courier's default group session of 10 s, which it outlasts: the
