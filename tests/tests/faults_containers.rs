@@ -81,13 +81,13 @@ async fn rabbitmq_silent_for_30_s_mid_stream_loses_nothing() {
 /// The group session outlasts the silence (45 s, Kafka's own default), so the consumer
 /// keeps its partitions and goes on once the broker answers again.
 ///
-/// The producer is not idempotent here. In one of three runs with Courier's default (an
-/// idempotent producer), Tansu 0.6 answered a send after the silence with PRODUCER_FENCED,
-/// whose text names a transactional id: Kafka keeps that error for transactional
-/// producers, and librdkafka takes it as fatal, so that producer could send nothing more.
+/// The producer is Courier's default, idempotent. In one of three runs, Tansu 0.6 answered
+/// a send after the silence with PRODUCER_FENCED, whose text names a transactional id
+/// (Kafka keeps that error for transactional producers). librdkafka takes it as fatal, so
+/// that producer can send nothing more: the broker replaces it and sends again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_silent_for_30_s_mid_stream_loses_nothing() {
-    silent_for_30_s_with(Kind::Kafka, Some("session.timeout.ms=45000&enable.idempotence=false"), 3_000).await;
+    silent_for_30_s_with(Kind::Kafka, Some("session.timeout.ms=45000"), 3_000).await;
 }
 
 /// The same silence with Courier's default group session of 10 s, which it outlasts: the

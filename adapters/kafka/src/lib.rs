@@ -18,7 +18,7 @@
 //! |---|---|
 //! | queue `q` | topic `q`, consumed by the group `q` (consumers compete for partitions) |
 //! | topic `t`, subscription `s` | topic `t`, consumed by the group `t.s`; a subscription starts where the topic ended when it was declared |
-//! | send, batch send | an idempotent producer, `acks=all`; send returns after the delivery report, or a retryable `Broker` error when none came within 30 s (`?message.timeout.ms=N` changes it); a batch is pipelined |
+//! | send, batch send | an idempotent producer, `acks=all`; send returns after the delivery report, or a retryable `Broker` error when none came within 30 s (`?message.timeout.ms=N` changes it); a batch is pipelined; a producer that hits a fatal error (fenced, out of sequence) is replaced and the record sent again |
 //! | ordering key | the record key: one partition per key; one message per key in flight at a time |
 //! | no ordering key | a partition picked at random per message (`sticky.partitioning.linger.ms=0`), so the consumers of a queue share even a short burst |
 //! | headers, id, content type | record headers (`courier-id`, `content-type`); CloudEvents `ce_` headers are read too (`ce_id` is the id when `courier-id` is absent) |
@@ -81,7 +81,10 @@
 //! # Ok(()) }
 //! ```
 
-#![forbid(unsafe_code)]
+// No unsafe code in the crate; only its tests may use librdkafka's test hooks, one
+// `#[allow]` at a time.
+#![cfg_attr(not(test), forbid(unsafe_code))]
+#![cfg_attr(test, deny(unsafe_code))]
 #![warn(missing_docs)]
 
 mod config;
@@ -91,7 +94,7 @@ mod offsets;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -101,6 +104,7 @@ use courier_core::{
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
@@ -123,7 +127,11 @@ pub struct KafkaBroker {
 
 pub(crate) struct Inner {
     config: KafkaConfig,
-    producer: FutureProducer,
+    /// The settings `producer` was made with, to make another after a fatal error.
+    producer_config: ClientConfig,
+    /// Replaced, not shared forever: after a fatal error (an idempotent producer fenced
+    /// or out of sequence) librdkafka refuses every later record of that producer.
+    producer: RwLock<FutureProducer>,
     admin: AdminClient<DefaultClientContext>,
     capabilities: Capabilities,
     /// Topics known to exist, with their partition counts.
@@ -243,7 +251,8 @@ impl KafkaBroker {
         Ok(KafkaBroker {
             inner: Arc::new(Inner {
                 config,
-                producer,
+                producer_config,
+                producer: RwLock::new(producer),
                 admin,
                 capabilities,
                 topics: Mutex::default(),
@@ -300,7 +309,7 @@ impl Inner {
 
     /// The partition count of `topic`, or `None` when it does not exist.
     async fn partitions_of(&self, topic: &str) -> Result<Option<i32>> {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let name = topic.to_owned();
         let metadata = tokio::task::spawn_blocking(move || producer.client().fetch_metadata(Some(&name), CALL_TIMEOUT))
             .await
@@ -312,7 +321,29 @@ impl Inner {
         }))
     }
 
-    /// Sends one record and waits for its delivery report.
+    /// The producer records go through now.
+    fn producer(&self) -> FutureProducer {
+        self.producer.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// After a fatal error of `failed`, a new producer in its place, unless another send
+    /// has replaced it already. The records `failed` still held fail with it; their
+    /// senders get errors, as the record's sender does here.
+    fn replace_failed_producer(&self, failed: &FutureProducer, why: &str) -> Result<()> {
+        let mut current = self.producer.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if current.client().native_ptr() != failed.client().native_ptr() {
+            return Ok(());
+        }
+        let fresh: FutureProducer =
+            self.producer_config.create().map_err(|e| settings_error(&self.config, "kafka producer settings", e))?;
+        tracing::warn!(error = why, "the Kafka producer hit a fatal error; a new producer replaces it");
+        *current = fresh;
+        Ok(())
+    }
+
+    /// Sends one record and waits for its delivery report. When the producer has hit a
+    /// fatal error, a new producer replaces it and sends the record once more: one
+    /// fenced producer must not stop every later send of the application.
     pub(crate) async fn produce(
         &self,
         topic: &str,
@@ -320,21 +351,35 @@ impl Inner {
         message: &Message,
         extra: &[(&str, &str)],
     ) -> Result<()> {
-        let mut record = FutureRecord::to(topic)
-            .payload(&message.payload[..])
-            .headers(mapping::headers(message, extra))
-            .timestamp(mapping::timestamp_ms(message));
-        if let Some(key) = &message.ordering_key {
-            record = record.key(key.as_str());
-        }
-        if let Some(partition) = partition {
-            record = record.partition(partition);
-        }
-        self.producer
-            .send(record, CALL_TIMEOUT)
-            .await
-            .map(|_| ())
-            .map_err(|(e, _)| kafka_error(&format!("send to topic {topic}"), e))
+        let record = || {
+            let mut record = FutureRecord::to(topic)
+                .payload(&message.payload[..])
+                .headers(mapping::headers(message, extra))
+                .timestamp(mapping::timestamp_ms(message));
+            if let Some(key) = &message.ordering_key {
+                record = record.key(key.as_str());
+            }
+            if let Some(partition) = partition {
+                record = record.partition(partition);
+            }
+            record
+        };
+        let producer = self.producer();
+        let error = match producer.send(record(), CALL_TIMEOUT).await {
+            Ok(_) => return Ok(()),
+            Err((e, _)) => e,
+        };
+        let Some((code, reason)) = producer.client().fatal_error() else {
+            return Err(kafka_error(&format!("send to topic {topic}"), error));
+        };
+        let why = format!("{code:?}: {reason}");
+        self.replace_failed_producer(&producer, &why)?;
+        self.producer().send(record(), CALL_TIMEOUT).await.map(|_| ()).map_err(|(e, _)| {
+            kafka_error(
+                &format!("send to topic {topic} with a new producer, after a fatal error of the last ({why})"),
+                e,
+            )
+        })
     }
 
     /// Starts a subscription's group where the topic ends now, unless it has a position.
@@ -447,7 +492,7 @@ impl Broker for KafkaBroker {
         if !self.inner.open.close() {
             return Ok(());
         }
-        let producer = self.inner.producer.clone();
+        let producer = self.inner.producer();
         tokio::task::spawn_blocking(move || producer.flush(CALL_TIMEOUT))
             .await
             .map_err(|e| Error::fatal(format!("kafka: flushing the producer: {e}")))?
@@ -458,6 +503,45 @@ impl Broker for KafkaBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The Kafka broker on this machine (`scripts/brokers up`), or `$COURIER_TEST_KAFKA`.
+    fn test_url() -> String {
+        std::env::var("COURIER_TEST_KAFKA")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| "kafka://127.0.0.1:9092?batch.num.messages=1".into())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(unsafe_code)] // librdkafka's test hook, rd_kafka_test_fatal_error
+    async fn a_producer_that_hits_a_fatal_error_is_replaced_and_the_send_goes_through() {
+        let broker = KafkaBroker::connect(&test_url()).await.unwrap();
+        let destination = Destination::queue(&courier_core::conformance::unique_name("fatal")).unwrap();
+        broker.send(&destination, Message::new("before")).await.expect("a send before the fatal error");
+
+        // What a broker's PRODUCER_FENCED does to an idempotent producer (Tansu answered
+        // one after 30 s of silence), raised through librdkafka's own test hook.
+        let fenced = broker.inner.producer();
+        // SAFETY: the client is alive (`fenced` holds it); the reason is a C string.
+        let raised = unsafe {
+            rdkafka_sys::rd_kafka_test_fatal_error(
+                fenced.client().native_ptr(),
+                rdkafka_sys::RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED,
+                c"raised by Courier's test".as_ptr(),
+            )
+        };
+        assert_eq!(raised, rdkafka_sys::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR);
+        assert!(fenced.client().fatal_error().is_some(), "the hook raised no fatal error");
+
+        broker.send(&destination, Message::new("after")).await.expect("the send after a fatal error");
+        let now = broker.inner.producer();
+        assert_ne!(now.client().native_ptr(), fenced.client().native_ptr(), "the producer was not replaced");
+        assert!(now.client().fatal_error().is_none());
+        // A batch, and the sends after it, go through the new producer as well.
+        let batch = (0..10).map(|i| Message::new(format!("m{i}"))).collect();
+        assert_eq!(broker.send_batch(&destination, batch).await.expect("a batch after").len(), 10);
+        broker.close().await.unwrap();
+    }
 
     #[tokio::test]
     async fn settings_librdkafka_refuses_do_not_echo_secrets() {
