@@ -16,6 +16,8 @@ pub(crate) struct SqsConfig {
     pub redrive_max_receives: Option<u32>,
     /// Parallel ReceiveMessage calls one receive may make.
     pub pollers: usize,
+    /// How long one attempt of an SQS call may take before it fails, retryably.
+    pub call_timeout: std::time::Duration,
     /// The URL with secrets hidden, for errors and Debug.
     pub redacted: String,
 }
@@ -41,6 +43,9 @@ impl SqsConfig {
             create: options.take_bool("create")?.unwrap_or(true),
             redrive_max_receives: options.take_number("redrive_max_receives", 1..=1000)?,
             pollers: options.take_number("pollers", 1..=16)?.unwrap_or(1),
+            call_timeout: std::time::Duration::from_secs(
+                options.take_number("call_timeout_secs", 2..=300)?.unwrap_or(30),
+            ),
             redacted,
         };
         options.finish()?;
@@ -66,6 +71,9 @@ mod tests {
         assert_eq!((c.endpoint.as_deref(), c.redrive_max_receives), (Some("http://127.0.0.1:4566"), Some(3)));
         let c = parse("sqs://").unwrap();
         assert_eq!((c.region, c.create, c.pollers), (None, true, 1));
+        assert_eq!(c.call_timeout, std::time::Duration::from_secs(30));
+        let c = parse("sqs://eu-west-1?call_timeout_secs=5").unwrap();
+        assert_eq!(c.call_timeout, std::time::Duration::from_secs(5));
     }
 
     #[test]
@@ -81,7 +89,7 @@ mod tests {
         assert_eq!(
             err,
             "configuration sqs URL option poller: is not an option (did you mean pollers?); the options are \
-             endpoint=…, create=true|false, redrive_max_receives=N and pollers=N"
+             endpoint=…, create=true|false, redrive_max_receives=N, pollers=N and call_timeout_secs=N"
         );
         assert!(parse("amqp://eu-west-1").is_err());
         assert!(parse("sqs://eu-west-1/queue").is_err());

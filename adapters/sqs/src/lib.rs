@@ -9,8 +9,11 @@
 //! policy to their dead-letter queue `<queue>_dlq` after N receives, so a message whose
 //! consumer keeps dying unsettled is dead-lettered by SQS itself), `pollers=N` (1-16,
 //! default 1: a receive of more than 10 messages makes up to N ReceiveMessage calls in
-//! parallel, for throughput when each call's round trip is the limit). Any other option is
-//! an error that names it (see [`UrlOptions`](courier_core::backend::UrlOptions)).
+//! parallel, for throughput when each call's round trip is the limit),
+//! `call_timeout_secs=N` (2-300, default 30: an attempt of an SQS call that has no answer
+//! within N seconds fails, and the SDK tries again on another connection; a receive's long
+//! poll waits at most N-5 seconds, and at most 20). Any other option is an error that names
+//! it (see [`UrlOptions`](courier_core::backend::UrlOptions)).
 //!
 //! Each clause of the contract (`docs/contract.md` in the repository) on SQS. Core's
 //! receipt decides retry versus dead letter and builds the dead letter's headers; this
@@ -26,6 +29,7 @@
 //! | headers | message attributes (String; names SQS refuses travel base64url-encoded as `courier-h.<name>`, empty values as type `String.courier-empty`); SQS allows 10 per message, Courier uses up to 3 (`courier-id`, `courier-encoding`, `content-type`) |
 //! | payload | the body as is when it is valid SQS text, else base64 with `courier-encoding: base64` |
 //! | receive | ReceiveMessage, long polling up to 20 s, up to 10 per call, `pollers` calls in parallel |
+//! | a call without an answer | fails retryably after `call_timeout_secs` (30 s), after the SDK's own retries on new connections |
 //! | attempt | `ApproximateReceiveCount` |
 //! | ack | DeleteMessage |
 //! | redeliver (a retry core allows, with delay) | ChangeMessageVisibility to 0 (or the delay, rounded up to whole seconds) |
@@ -75,6 +79,8 @@ struct Inner {
     redrive_max_receives: Option<u32>,
     /// Parallel ReceiveMessage calls one receive may make.
     pollers: usize,
+    /// The longest a receive's long poll waits, to end well within a call's timeout.
+    max_poll_secs: u64,
     capabilities: Capabilities,
     queue_urls: Mutex<HashMap<String, String>>,
     open: OpenGuard,
@@ -129,9 +135,15 @@ impl SqsBroker {
 
     /// Connects with a parsed URL, as [`connect`](Self::connect) does with its text.
     pub async fn connect_url(url: BackendUrl) -> Result<Self> {
-        let SqsConfig { region, endpoint, create, redrive_max_receives, pollers, redacted } =
+        let SqsConfig { region, endpoint, create, redrive_max_receives, pollers, call_timeout, redacted } =
             SqsConfig::from_backend_url(url)?;
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        // The SDK sets only a connect timeout: a connection that stops answering (a
+        // half-open one, a server that accepts and says nothing) would hold a call forever.
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(Duration::from_millis(3100).min(call_timeout))
+            .operation_attempt_timeout(call_timeout)
+            .build();
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).timeout_config(timeouts);
         if let Some(region) = region {
             loader = loader.region(aws_config::Region::new(region));
         }
@@ -173,6 +185,7 @@ impl SqsBroker {
                 create,
                 redrive_max_receives,
                 pollers,
+                max_poll_secs: call_timeout.as_secs().saturating_sub(5).clamp(1, 20),
                 capabilities,
                 queue_urls: Mutex::default(),
                 open: OpenGuard::new("broker"),
@@ -527,7 +540,7 @@ impl Consumer for SqsConsumer {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             // SQS waits in whole seconds (0-20). A wait a hair under a whole second (the time
             // spent getting here) counts as that second, rather than as a short poll and a sleep.
-            let poll = (left + Duration::from_millis(50)).as_secs().min(20) as i32;
+            let poll = (left + Duration::from_millis(50)).as_secs().min(self.shared.broker.inner.max_poll_secs) as i32;
             let per_call = max.div_ceil(calls).clamp(1, 10);
             let received = futures::future::try_join_all((0..calls).map(|_| self.poll(per_call as i32, poll))).await?;
             let messages: Vec<_> = received.into_iter().flatten().collect();
