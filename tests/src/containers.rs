@@ -263,6 +263,40 @@ impl BrokerContainer {
         self.container.unpause().await.expect("unpause the broker's container");
     }
 
+    /// Black-holes every TCP connection open now from this machine to the broker's port,
+    /// until the guard is dropped: their packets are dropped both ways on the loopback
+    /// interface (`iptables`, as root), with no reset, as a NAT or firewall that forgot
+    /// them would. New connections go through. To its clients each such connection is
+    /// half-open: they must find out by themselves (heartbeats, call timeouts) and connect
+    /// again.
+    pub fn black_hole_open_connections(&self) -> BlackHole {
+        // Clients reach the broker at 127.0.0.1:port (docker-proxy's end of it).
+        let broker = format!("127.0.0.1:{}", self.port);
+        let listed = std::process::Command::new("ss")
+            .args(["-tnH", "state", "established", "dst", &broker])
+            .output()
+            .expect("run ss (Debian's iproute2) to list the connections to the broker");
+        assert!(listed.status.success(), "ss failed: {}", String::from_utf8_lossy(&listed.stderr));
+        // Each line: Recv-Q Send-Q Local-Address:Port Peer-Address:Port ...
+        let client_ports: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+            .lines()
+            .filter_map(|line| line.split_whitespace().find(|field| field.contains(':')))
+            .filter_map(|local| local.rsplit_once(':').map(|(_, port)| port.to_owned()))
+            .collect();
+        let mut hole = BlackHole { rules: Vec::new() };
+        for port in &client_ports {
+            for direction in ["--sport", "--dport"] {
+                let rule = vec!["OUTPUT", "-o", "lo", "-p", "tcp", direction, port, "-j", "DROP"]
+                    .into_iter()
+                    .map(String::from)
+                    .collect::<Vec<_>>();
+                assert!(iptables("-I", &rule), "iptables -w -I {} failed", rule.join(" "));
+                hole.rules.push(rule);
+            }
+        }
+        hole
+    }
+
     /// Keeps the container until this process ends (the reaper then removes it), for the
     /// broker shared by every test of a process.
     pub fn keep_for_this_process(self) -> String {
@@ -270,6 +304,42 @@ impl BrokerContainer {
         KEPT.lock().unwrap().push(self.container);
         self.url
     }
+}
+
+/// Connections black-holed by [`BrokerContainer::black_hole_open_connections`]; dropping
+/// it lets their packets through again.
+#[derive(Debug)]
+pub struct BlackHole {
+    rules: Vec<Vec<String>>,
+}
+
+impl BlackHole {
+    /// How many connections are black-holed.
+    pub fn connections(&self) -> usize {
+        self.rules.len() / 2
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        for rule in &self.rules {
+            // Not asserted: a drop during a panic must not panic again.
+            if !iptables("-D", rule) {
+                eprintln!("could not remove the iptables rule {}", rule.join(" "));
+            }
+        }
+    }
+}
+
+/// Runs `iptables -w ACTION RULE...`: whether it succeeded.
+fn iptables(action: &str, rule: &[String]) -> bool {
+    std::process::Command::new("iptables")
+        .arg("-w")
+        .arg(action)
+        .args(rule)
+        .status()
+        .expect("run iptables (it comes with docker.io; black-holing needs root)")
+        .success()
 }
 
 /// A Kafka API that keeps its data when its container is killed and started again: Tansu

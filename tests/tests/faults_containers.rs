@@ -6,8 +6,11 @@
 //! - one node of a three-node RabbitMQ cluster, the leader of a quorum queue, killed
 //!   with SIGKILL and left down: every message whose publish was confirmed is delivered;
 //! - a broker frozen for 30 s (`docker pause`): its connections stay open and nothing
-//!   answers on them, as behind a network cut or a half-open connection (for Kafka, once
-//!   within the group session and once beyond it; the second is ignored: see its docs).
+//!   answers on them, as behind a network cut (for Kafka, once within the group session
+//!   and once beyond it; the second is ignored: see its docs);
+//! - half-open connections: every connection open to the broker black-holed for the rest
+//!   of the run (`iptables` drops their packets both ways, with no reset), while new
+//!   connections go through.
 //!
 //! Each asserts that every message whose send was confirmed is processed by the same
 //! worker, which recovers by itself, and prints how many were handled twice.
@@ -45,6 +48,25 @@ async fn silent_for_30_s_with(kind: Kind, settings: Option<&str>, n: usize) {
         frozen.unpause().await;
     })
     .await;
+}
+
+/// Runs `n` messages through a worker on a new `kind` broker, with `settings` added to its
+/// URL; a fifth of the way in, every connection open to the broker is black-holed for the
+/// rest of the run (half-open: no packet either way, no reset), so the worker and the
+/// producer must notice by themselves and connect again.
+async fn half_open_with(kind: Kind, settings: &str, n: usize) {
+    log();
+    let broker = std::sync::Arc::new(BrokerContainer::start(kind).await);
+    let hole = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let (target, kept) = (broker.clone(), hole.clone());
+    stream_through_fault(&with_settings(&broker.url, settings), n, STALL, move || async move {
+        let black_hole = target.black_hole_open_connections();
+        println!("{} connections black-holed", black_hole.connections());
+        assert!(black_hole.connections() > 0, "no connection to the broker was open");
+        *kept.lock().unwrap() = Some(black_hole);
+    })
+    .await;
+    drop(hole.lock().unwrap().take());
 }
 
 /// Runs `n` messages through a worker on `broker` while it is killed with SIGKILL and, 2 s
@@ -110,6 +132,26 @@ async fn kafka_silent_for_longer_than_its_group_session_loses_nothing() {
 async fn sqs_silent_for_30_s_mid_stream_loses_nothing() {
     // moto handles about 200 messages a second.
     silent_for_30_s(Kind::Sqs, 400).await;
+}
+
+/// lapin notices a silent connection by its heartbeat: 5 s here (RabbitMQ proposes 60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_half_open_connections_lose_nothing() {
+    half_open_with(Kind::RabbitMq, "heartbeat=5", 3_000).await;
+}
+
+/// librdkafka drops a connection whose request has no answer within `socket.timeout.ms`
+/// (10 s here, 60 s by default); the group session (45 s) outlasts that and the reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_half_open_connections_lose_nothing() {
+    half_open_with(Kind::Kafka, "socket.timeout.ms=10000&session.timeout.ms=45000", 3_000).await;
+}
+
+/// Each SQS call's attempt times out (`call_timeout_secs`, 10 s here, 30 s by default) and
+/// the SDK tries again on a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqs_half_open_connections_lose_nothing() {
+    half_open_with(Kind::Sqs, "call_timeout_secs=10", 400).await;
 }
 
 /// A quorum queue is declared through node 1, which then leads it (RabbitMQ places a new
