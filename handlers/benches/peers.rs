@@ -32,7 +32,8 @@
 //! thread the fill ends before any handler runs (its own benchmarks measure it so).
 //!
 //! `cargo bench -p courier --bench peers` (`BENCH_MESSAGES`, default 200,000).
-//! Prints a Markdown table. ruststream needs Rust 1.95.
+//! Prints a Markdown table. ruststream needs Rust 1.95. For a profiler, `BENCH_ONLY=courier`
+//! runs Courier's side alone and `BENCH_SCENARIO=A1` (or `A4`, `B1`, `B8`) one scenario.
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -455,8 +456,10 @@ fn main() {
     println!("| scenario | side | msg/s (median) | vs Courier (median) | vs Courier, per round |");
     println!("|---|---|---:|---:|---|");
 
+    let scenario = std::env::var("BENCH_SCENARIO").ok();
+    let wanted = |name: &str| scenario.as_deref().is_none_or(|s| s == name);
     let sides = [Side::Courier, Side::Omniqueue, Side::Ruststream, Side::Mpsc];
-    for consumers in [1, 4] {
+    for consumers in [1, 4].into_iter().filter(|c| wanted(&format!("A{c}"))) {
         let rates = rounds(&sides, |side| match side {
             Side::Courier => threads.block_on(courier_side::queue(n, consumers)),
             Side::Omniqueue => threads.block_on(omni::queue(n, consumers)),
@@ -467,7 +470,7 @@ fn main() {
     }
 
     let sides = [Side::Courier, Side::Ruststream, Side::Mpsc];
-    for concurrency in [1, 8] {
+    for concurrency in [1, 8].into_iter().filter(|c| wanted(&format!("B{c}"))) {
         let rates = rounds(&sides, |side| match side {
             Side::Courier => one_thread.block_on(courier_side::runtime(n, concurrency)),
             Side::Ruststream => one_thread.block_on(rs::runtime(n, concurrency)),
