@@ -53,7 +53,7 @@ pub use broker::{Broker, Consumer, ConsumerOptions, DynBroker, Stats};
 pub use bytes::Bytes;
 pub use capabilities::{Capabilities, Feature};
 pub use codec::{Codec, JsonCodec};
-pub use delivery::{Acknowledger, AfterFailure, DeadLetter, Delivery, Receipt, SettlePolicy};
+pub use delivery::{Acknowledger, AfterFailure, DeadLetter, Delivery, Receipt, SettlePolicy, TaggedAcknowledger};
 pub use destination::{Destination, Name, Source, MAX_NAME_LEN};
 pub use error::{BoxError, Error, Result};
 pub use message::{headers, Headers, Message, MessageId};

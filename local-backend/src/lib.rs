@@ -42,8 +42,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use courier_core::backend::{BackendUrl, OpenGuard};
 use courier_core::{
-    Acknowledger, Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Delivery, Destination, Error, Message,
-    MessageId, Name, Result, SettlePolicy, Source, Stats,
+    Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Delivery, Destination, Error, Message, MessageId,
+    Name, Result, SettlePolicy, Source, Stats, TaggedAcknowledger,
 };
 use tokio::time::Instant;
 
@@ -533,8 +533,7 @@ impl Consumer for LocalConsumer {
         self.handle
             .queue
             .take(max, wait, &self.policy, &self.open, |tag, attempt, message| {
-                let acker = LocalAcker { consumer: self.handle.clone(), tag, id: message.id.clone() };
-                Delivery::new(message, attempt, Box::new(acker))
+                Delivery::tagged(message, attempt, self.handle.clone(), tag)
             })
             .await
     }
@@ -547,42 +546,38 @@ impl Consumer for LocalConsumer {
     }
 }
 
-struct LocalAcker {
-    consumer: Arc<ConsumerHandle>,
-    tag: u64,
-    id: MessageId,
-}
-
+/// One acknowledger for all of a consumer's deliveries, each told apart by its tag: no
+/// box per delivery.
 #[async_trait]
-impl Acknowledger for LocalAcker {
+impl TaggedAcknowledger for ConsumerHandle {
     fn policy(&self) -> &SettlePolicy {
-        &self.consumer.settle
+        &self.settle
     }
 
-    async fn ack(&self) -> Result<()> {
-        self.consumer.queue.ack(self.tag, &self.id)
+    async fn ack(&self, tag: u64, id: &MessageId) -> Result<()> {
+        self.queue.ack(tag, id)
     }
 
-    fn ack_now(&self) -> Option<Result<()>> {
-        Some(self.consumer.queue.ack(self.tag, &self.id))
+    fn ack_now(&self, tag: u64, id: &MessageId) -> Option<Result<()>> {
+        Some(self.queue.ack(tag, id))
     }
 
-    async fn redeliver(&self, delay: Option<Duration>) -> Result<()> {
-        self.consumer.queue.redeliver(self.tag, &self.id, delay)
+    async fn redeliver(&self, tag: u64, id: &MessageId, delay: Option<Duration>) -> Result<()> {
+        self.queue.redeliver(tag, id, delay)
     }
 
-    async fn dead_letter(&self, letter: &DeadLetter) -> Result<()> {
-        self.consumer.queue.dead_letter_now(self.tag, &self.id, letter)
+    async fn dead_letter(&self, tag: u64, id: &MessageId, letter: &DeadLetter) -> Result<()> {
+        self.queue.dead_letter_now(tag, id, letter)
     }
 
-    async fn extend_lease(&self, by: Duration) -> Result<()> {
-        self.consumer.queue.extend(self.tag, &self.id, by)
+    async fn extend_lease(&self, tag: u64, id: &MessageId, by: Duration) -> Result<()> {
+        self.queue.extend(tag, id, by)
     }
 
-    fn release(&self) {
+    fn release(&self, tag: u64, id: &MessageId) {
         // Back to the queue now rather than after its lease; a delivery already settled
         // or expired is not in flight, and there is nothing to do.
-        let _ = self.consumer.queue.redeliver(self.tag, &self.id, None);
+        let _ = self.queue.redeliver(tag, id, None);
     }
 }
 
