@@ -237,13 +237,23 @@ pub async fn batch_send_and_receive(h: &dyn Harness) {
     }
 }
 
-/// An acked message is gone for good, even after its lease would have run out.
+/// An acked message is gone for good, even after its lease would have run out: acked
+/// alone or with others through `Delivery::ack_all`, which settles each once.
 pub async fn ack_removes_for_good(h: &dyn Harness) {
     let s = setup(h, "ack").await;
     let consumer = s.consumer(ConsumerOptions::default().lease(s.timing.lease)).await;
-    s.send(Message::new("once")).await;
-    let d = expect_one(&*consumer, s.timing.arrive_within, "the message").await;
-    d.ack().await.expect("ack");
+    for text in ["once", "together 1", "together 2"] {
+        s.send(Message::new(text)).await;
+    }
+    let batch = receive_n(&*consumer, 3, s.timing.arrive_within).await;
+    assert_eq!(batch.len(), 3, "three messages sent, {} arrived", batch.len());
+    batch[0].ack().await.expect("ack");
+    let results = Delivery::ack_all(&batch).await;
+    assert!(matches!(results[0], Err(Error::AlreadySettled { .. })), "acked twice: {:?}", results[0]);
+    for result in &results[1..] {
+        result.as_ref().expect("ack_all");
+    }
+    assert!(batch.iter().all(Delivery::is_settled));
     expect_nothing(&*consumer, s.timing.lease * 2 + s.timing.quiet, "an acked message came back").await;
 }
 

@@ -106,6 +106,13 @@ pub trait TaggedAcknowledger: Send + Sync {
         let _ = (tag, id);
         None
     }
+    /// Acks several of this consumer's deliveries in one step, where the backend can
+    /// (an in-process queue takes its lock once): `Some` with each one's result, in order.
+    /// The default, `None`, acks each on its own. Called by [`Receipt::ack_all`].
+    fn ack_all_now(&self, deliveries: &[(u64, &MessageId)]) -> Option<Vec<Result<()>>> {
+        let _ = deliveries;
+        None
+    }
     /// See [`Acknowledger::redeliver`].
     async fn redeliver(&self, tag: u64, id: &MessageId, delay: Option<Duration>) -> Result<()>;
     /// See [`Acknowledger::dead_letter`].
@@ -460,6 +467,28 @@ impl Delivery {
         self.receipt.ack().await
     }
 
+    /// Acks every delivery of `deliveries`, as [`ack`](Self::ack) would one by one, but in
+    /// one step where their backend can (see [`Receipt::ack_all`]); each one's result, in
+    /// order.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use courier_core::{Consumer, Delivery};
+    ///
+    /// async fn drain(consumer: &dyn Consumer) -> Result<(), courier_core::Error> {
+    ///     let batch = consumer.receive(100, Duration::from_secs(1)).await?;
+    ///     // ... handle the batch ...
+    ///     for result in Delivery::ack_all(&batch).await {
+    ///         result?;
+    ///     }
+    ///     Ok(())
+    /// }
+    /// ```
+    pub async fn ack_all(deliveries: &[Delivery]) -> Vec<Result<()>> {
+        let receipts: Vec<&Receipt> = deliveries.iter().map(|d| &d.receipt).collect();
+        Receipt::ack_all(&receipts).await
+    }
+
     /// Redeliver as soon as possible (or dead-letter, if this was the last attempt).
     pub async fn retry(&self) -> Result<()> {
         self.receipt.retry().await
@@ -530,6 +559,67 @@ impl Receipt {
             Some(result) => self.conclude(result),
             None => self.settle_claimed(self.acker.ack(&self.id)).await,
         }
+    }
+
+    /// Acks every receipt of `receipts`, each settled once as [`ack`](Self::ack) would: a
+    /// run of receipts that share a [`TaggedAcknowledger`] goes to the backend in one
+    /// call where it can ([`TaggedAcknowledger::ack_all_now`]), the rest one by one.
+    /// Each one's result, in order: one already settled gives
+    /// [`Error::AlreadySettled`], one that failed is handed back unsettled, as with `ack`.
+    pub async fn ack_all(receipts: &[&Receipt]) -> Vec<Result<()>> {
+        let mut results = Vec::with_capacity(receipts.len());
+        let mut rest = receipts;
+        while let Some(first) = rest.first() {
+            let run = match &first.acker {
+                Acker::Tagged(shared, _) => rest
+                    .iter()
+                    .take_while(|r| matches!(&r.acker, Acker::Tagged(a, _) if Arc::ptr_eq(a, shared)))
+                    .count(),
+                Acker::Own(_) => 1,
+            };
+            let (group, after) = rest.split_at(run);
+            rest = after;
+            if run > 1 && Self::ack_run_now(group, &mut results) {
+                continue;
+            }
+            for receipt in group {
+                results.push(receipt.ack().await);
+            }
+        }
+        results
+    }
+
+    /// Acks a run of receipts sharing one tagged acknowledger in one call, if the backend
+    /// can; `false` (nothing settled, nothing claimed) if not. Claims and settles with no
+    /// await between, so a cancelled caller never leaves a receipt claimed.
+    fn ack_run_now(run: &[&Receipt], results: &mut Vec<Result<()>>) -> bool {
+        let Acker::Tagged(shared, _) = &run[0].acker else { return false };
+        let claimed: Vec<bool> = run.iter().map(|r| r.claim().is_ok()).collect();
+        let tags: Vec<(u64, &MessageId)> = run
+            .iter()
+            .zip(&claimed)
+            .filter(|(_, claimed)| **claimed)
+            .map(|(r, _)| match r.acker {
+                Acker::Tagged(_, tag) => (tag, &r.id),
+                Acker::Own(_) => unreachable!("a run shares one tagged acknowledger"),
+            })
+            .collect();
+        let Some(answers) = shared.ack_all_now(&tags).filter(|a| a.len() == tags.len()) else {
+            for (receipt, claimed) in run.iter().zip(claimed) {
+                if claimed {
+                    receipt.state.store(UNSETTLED, Ordering::Release);
+                }
+            }
+            return false;
+        };
+        let mut answers = answers.into_iter();
+        for (receipt, claimed) in run.iter().zip(claimed) {
+            results.push(match claimed {
+                true => receipt.conclude(answers.next().expect("one answer per claimed receipt")),
+                false => Err(Error::AlreadySettled { id: receipt.id.clone() }),
+            });
+        }
+        true
     }
 
     /// See [`Delivery::retry`].
@@ -855,12 +945,17 @@ mod tests {
         policy: SettlePolicy,
         /// The first ack of each delivery fails, retryably.
         fail_first_ack: bool,
+        /// Acks several at once (`ack_all_now`); the ack of tag 99 in a batch fails.
+        batches: bool,
         calls: Mutex<Vec<(&'static str, u64, MessageId)>>,
     }
 
     impl Shared {
         fn new(max_attempts: u32, fail_first_ack: bool) -> Arc<Self> {
-            Arc::new(Shared { policy: policy(max_attempts), fail_first_ack, calls: Mutex::default() })
+            Arc::new(Shared { policy: policy(max_attempts), fail_first_ack, batches: false, calls: Mutex::default() })
+        }
+        fn batching() -> Arc<Self> {
+            Arc::new(Shared { policy: policy(5), fail_first_ack: false, batches: true, calls: Mutex::default() })
         }
         fn log(&self, op: &'static str, tag: u64, id: &MessageId) -> usize {
             let mut calls = self.calls.lock().unwrap();
@@ -883,6 +978,12 @@ mod tests {
         fn ack_now(&self, tag: u64, id: &MessageId) -> Option<Result<()>> {
             let n = self.log("ack", tag, id);
             Some(if self.fail_first_ack && n == 1 { Err(Error::retryable("lock poisoned")) } else { Ok(()) })
+        }
+        fn ack_all_now(&self, deliveries: &[(u64, &MessageId)]) -> Option<Vec<Result<()>>> {
+            self.batches.then(|| {
+                let answer = |tag| if tag == 99 { Err(Error::retryable("disk full")) } else { Ok(()) };
+                deliveries.iter().map(|(tag, id)| (self.log("ack_all", *tag, id), answer(*tag)).1).collect()
+            })
         }
         async fn redeliver(&self, tag: u64, id: &MessageId, _: Option<Duration>) -> Result<()> {
             self.log("redeliver", tag, id);
@@ -933,6 +1034,48 @@ mod tests {
             [("ack", 10), ("ack", 10), ("extend_lease", 11), ("redeliver", 11), ("dead_letter", 12), ("release", 13)]
         );
         assert_eq!(shared.calls.lock().unwrap()[0].2, first_id, "each call names its delivery's message");
+    }
+
+    /// `ack_all` settles each receipt once: a run sharing a batching acknowledger goes in
+    /// one call (without the one already settled), a failure there is handed back alone,
+    /// and receipts of other acknowledgers, or of one that cannot batch, are acked alone.
+    #[tokio::test]
+    async fn ack_all_settles_each_receipt_once_in_as_few_calls_as_it_can() {
+        let batching = Shared::batching();
+        let one_by_one = Shared::new(5, false);
+        let (b, o): (Arc<dyn TaggedAcknowledger>, Arc<dyn TaggedAcknowledger>) = (batching.clone(), one_by_one.clone());
+        let recorded = Arc::new(Recorded::default());
+        let own =
+            Flaky { fail_first: false, hang: false, at_once: true, policy: policy(5), recorded: recorded.clone() };
+        let deliveries = vec![
+            Delivery::tagged(Message::new("1"), 1, b.clone(), 1),
+            Delivery::tagged(Message::new("2"), 1, b.clone(), 2),
+            Delivery::tagged(Message::new("3"), 1, b.clone(), 99),
+            Delivery::tagged(Message::new("4"), 1, b.clone(), 4),
+            Delivery::new(Message::new("5"), 1, Box::new(own)),
+            Delivery::tagged(Message::new("6"), 1, o.clone(), 6),
+            Delivery::tagged(Message::new("7"), 1, o.clone(), 7),
+        ];
+        deliveries[1].ack().await.unwrap();
+        let results = Delivery::ack_all(&deliveries).await;
+        let kinds: Vec<&str> = results
+            .iter()
+            .map(|r| match r {
+                Ok(()) => "ok",
+                Err(Error::AlreadySettled { .. }) => "already settled",
+                Err(e) if e.is_retryable() => "retryable",
+                Err(_) => "other",
+            })
+            .collect();
+        assert_eq!(kinds, ["ok", "already settled", "retryable", "ok", "ok", "ok", "ok"]);
+        let settled: Vec<bool> = deliveries.iter().map(Delivery::is_settled).collect();
+        assert_eq!(settled, [true, true, false, true, true, true, true], "the failed one is handed back");
+        assert_eq!(batching.calls(), [("ack", 2), ("ack_all", 1), ("ack_all", 99), ("ack_all", 4)]);
+        assert_eq!(one_by_one.calls(), [("ack", 6), ("ack", 7)]);
+        assert_eq!(recorded.calls.load(Ordering::SeqCst), 1);
+        // The handed-back one settles normally afterwards; nothing else can.
+        assert!(Delivery::ack_all(&deliveries[..2]).await.iter().all(|r| r.is_err()));
+        deliveries[2].ack().await.unwrap();
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! What a message costs each side is not the same work:
 //! - courier-local keeps the contract: a message id, a lease per delivery (an expired one
 //!   redelivers), attempt counting towards the dead letter, competing consumers. An ack
-//!   removes the in-flight entry under the queue's lock.
+//!   removes the in-flight entry under the queue's lock; A acks each batch with
+//!   `Delivery::ack_all`, which takes that lock once for the batch and still settles each
+//!   delivery once.
 //! - omniqueue wraps a tokio unbounded channel. A receive copies the payload (kept for a
 //!   nack to send again) and boxes an acker; the ack only sets a flag. No leases, no
 //!   redelivery of a lost consumer's messages, one consumer per queue.
@@ -121,7 +123,7 @@ mod courier_side {
     use std::time::{Duration, Instant};
 
     use courier::{App, RouteOptions};
-    use courier_core::{Broker, ConsumerOptions, Destination, DynBroker, Message, Source};
+    use courier_core::{Broker, ConsumerOptions, Delivery, Destination, DynBroker, Message, Source};
     use courier_local::LocalBroker;
 
     use super::{BATCH, PAYLOAD, QUEUE, TALLY};
@@ -150,8 +152,8 @@ mod courier_side {
                     if got.is_empty() {
                         return acked;
                     }
-                    for delivery in got {
-                        delivery.ack().await.unwrap();
+                    for result in Delivery::ack_all(&got).await {
+                        result.unwrap();
                         acked += 1;
                     }
                 }

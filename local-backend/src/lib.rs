@@ -562,6 +562,10 @@ impl TaggedAcknowledger for ConsumerHandle {
         Some(self.queue.ack(tag, id))
     }
 
+    fn ack_all_now(&self, deliveries: &[(u64, &MessageId)]) -> Option<Vec<Result<()>>> {
+        Some(self.queue.ack_all(deliveries))
+    }
+
     async fn redeliver(&self, tag: u64, id: &MessageId, delay: Option<Duration>) -> Result<()> {
         self.queue.redeliver(tag, id, delay)
     }

@@ -368,6 +368,29 @@ impl Queue {
         Ok(())
     }
 
+    /// Removes in-flight deliveries for good under one lock; each one's result, in order.
+    pub fn ack_all(&self, deliveries: &[(u64, &MessageId)]) -> Vec<Result<()>> {
+        let mut results = Vec::with_capacity(deliveries.len());
+        let mut done = Vec::with_capacity(deliveries.len());
+        let mut st = self.lock();
+        let mut woke = false;
+        for &(tag, id) in deliveries {
+            match st.in_flight.remove(&tag) {
+                Some(flight) => {
+                    st.forget_lease(flight.deadline, tag);
+                    woke |= st.finish(&flight.entry);
+                    done.push(flight);
+                    results.push(Ok(()));
+                }
+                None => results.push(Err(Self::settle_lost(id))),
+            }
+        }
+        drop(st);
+        drop(done); // outside the lock
+        self.after_finish(woke);
+        results
+    }
+
     /// Hands an in-flight delivery back for another attempt, after `delay` when given.
     pub fn redeliver(&self, tag: u64, id: &MessageId, delay: Option<Duration>) -> Result<()> {
         let mut st = self.lock();
