@@ -72,7 +72,7 @@ pub trait Acknowledger: Send + Sync {
 /// };
 ///
 /// /// Settles by printing: one per consumer, shared by its deliveries.
-/// struct Printer(SettlePolicy);
+/// struct Printer(Arc<SettlePolicy>);
 ///
 /// #[async_trait]
 /// impl TaggedAcknowledger for Printer {
