@@ -39,7 +39,16 @@ pub enum QueueType {
 /// `connection_timeout` in milliseconds, `channel_max`, `frame_max`, `auth_mechanism`),
 /// which are checked and handed on to lapin; Courier's are removed before the URL reaches
 /// lapin. Any other option is an error that names it (the rules are those of
-/// [`UrlOptions`](courier_core::backend::UrlOptions)):
+/// [`UrlOptions`](courier_core::backend::UrlOptions)).
+///
+/// Heartbeats are how both ends notice a connection that died without a reset (a
+/// dropped network, a paused VM): RabbitMQ proposes 60 s, and a smaller `heartbeat`
+/// notices sooner (the fault tests use 5 s). `heartbeat=0` does not turn them off while
+/// the server proposes a value (lapin then takes the server's); only a server configured
+/// with 0 does. With heartbeats off, such a connection goes unnoticed: Courier's calls time
+/// out after 15 s, but the messages RabbitMQ prefetched to a consumer on it stay unacked on
+/// the broker until its kernel gives up on the socket, minutes later. The adapter logs a
+/// warning when the negotiated heartbeat is 0.
 ///
 /// | option | values | default |
 /// |---|---|---|

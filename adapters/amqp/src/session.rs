@@ -49,6 +49,14 @@ impl Session {
         });
         // Fail fast on a wrong URL or credentials instead of at the first send.
         let live = session.open(None).await?;
+        if live.connection.configuration().heartbeat() == 0 {
+            tracing::warn!(
+                broker = %session.config.redacted(),
+                "RabbitMQ heartbeats are off (the negotiated heartbeat is 0): a connection that dies without a reset \
+                 goes unnoticed, and messages prefetched to it stay unacked on the broker for minutes; set the \
+                 heartbeat above 0 on the server or in the URL (heartbeat=N)"
+            );
+        }
         *session.live.write().unwrap() = Some(live);
         Ok(session)
     }
