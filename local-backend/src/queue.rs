@@ -359,9 +359,7 @@ impl Queue {
     /// Removes an in-flight delivery for good.
     pub fn ack(&self, tag: u64, id: &MessageId) -> Result<()> {
         let mut st = self.lock();
-        let flight = st.in_flight.remove(&tag).ok_or_else(|| Self::settle_lost(id))?;
-        st.forget_lease(flight.deadline, tag);
-        let woke = st.finish(&flight.entry);
+        let (flight, woke) = st.acked(tag).ok_or_else(|| Self::settle_lost(id))?;
         drop(st);
         drop(flight); // outside the lock
         self.after_finish(woke);
@@ -375,10 +373,9 @@ impl Queue {
         let mut st = self.lock();
         let mut woke = false;
         for &(tag, id) in deliveries {
-            match st.in_flight.remove(&tag) {
-                Some(flight) => {
-                    st.forget_lease(flight.deadline, tag);
-                    woke |= st.finish(&flight.entry);
+            match st.acked(tag) {
+                Some((flight, released_key)) => {
+                    woke |= released_key;
                     done.push(flight);
                     results.push(Ok(()));
                 }
@@ -575,6 +572,15 @@ impl Queue {
 impl State {
     fn forget_lease(&mut self, deadline: Instant, tag: u64) {
         self.leases.settled(deadline, tag, &self.in_flight);
+    }
+
+    /// Removes an acked delivery for good: its entry (to drop outside the lock), and
+    /// whether that let a message of its key become ready. `None` if it is not in flight.
+    fn acked(&mut self, tag: u64) -> Option<(InFlight, bool)> {
+        let flight = self.in_flight.remove(&tag)?;
+        self.forget_lease(flight.deadline, tag);
+        let released_key = self.finish(&flight.entry);
+        Some((flight, released_key))
     }
 
     /// Adds a fresh message, behind its key's current message if the key is busy.

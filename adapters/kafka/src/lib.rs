@@ -500,17 +500,15 @@ impl Broker for KafkaBroker {
     }
 }
 
+/// The integration tests' helpers, shared with the unit tests below.
+#[cfg(test)]
+#[path = "../tests/support/mod.rs"]
+mod test_support;
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The Kafka broker on this machine (`scripts/brokers up`), or `$COURIER_TEST_KAFKA`.
-    fn test_url() -> String {
-        std::env::var("COURIER_TEST_KAFKA")
-            .ok()
-            .filter(|u| !u.is_empty())
-            .unwrap_or_else(|| "kafka://127.0.0.1:9092?batch.num.messages=1".into())
-    }
+    use crate::test_support::url as test_url;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[allow(unsafe_code)] // librdkafka's test hook, rd_kafka_test_fatal_error

@@ -12,12 +12,8 @@ use rdkafka::message::{BorrowedHeaders, Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
-fn url() -> String {
-    std::env::var("COURIER_TEST_KAFKA")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "kafka://127.0.0.1:9092?batch.num.messages=1".into())
-}
+mod support;
+use support::url;
 
 /// `host:port,…` of a `kafka://` URL, for a plain rdkafka client.
 fn bootstrap(url: &str) -> String {

@@ -10,9 +10,8 @@ use base64::Engine;
 use courier_core::{conformance::unique_name, headers, Broker, ConsumerOptions, Source};
 use courier_sqs::SqsBroker;
 
-fn url() -> String {
-    std::env::var("COURIER_TEST_SQS").unwrap_or_else(|_| "sqs://us-east-1?endpoint=http://127.0.0.1:4566".into())
-}
+mod support;
+use support::url;
 
 /// The SDK used raw, as another producer would.
 fn raw_client() -> aws_sdk_sqs::Client {
@@ -36,10 +35,7 @@ fn base64_claim() -> MessageAttributeValue {
 
 #[tokio::test]
 async fn an_undecodable_message_is_dead_lettered_alone_and_the_rest_arrive() {
-    if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
-        std::env::set_var("AWS_ACCESS_KEY_ID", "courier-test");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "courier-test");
-    }
+    support::test_credentials_unless_set();
     let broker = SqsBroker::connect(&url()).await.unwrap();
     let name = unique_name("poison");
     let source = Source::queue(&name).unwrap();

@@ -8,6 +8,8 @@ use courier_core::{Broker, ConsumerOptions, Destination, Message, Source};
 use courier_sqs::SqsBroker;
 use tokio::net::TcpListener;
 
+mod support;
+
 /// A TCP server that accepts every connection and keeps it open without a byte in reply.
 async fn silent_server() -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -23,10 +25,7 @@ async fn silent_server() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_that_never_answers_fails_each_call_retryably_within_its_timeout() {
-    if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
-        std::env::set_var("AWS_ACCESS_KEY_ID", "courier-test");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "courier-test");
-    }
+    support::test_credentials_unless_set();
     let endpoint = silent_server().await;
     let broker = SqsBroker::connect(&format!("sqs://us-east-1?endpoint={endpoint}&call_timeout_secs=2")).await.unwrap();
     // The SDK makes up to 3 attempts of 2 s each, with a short backoff between them.
