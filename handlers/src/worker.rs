@@ -838,8 +838,7 @@ impl FetchLoop {
             // after each settlement ends one message's processing time and starts the next.
             // Only while metrics are exported: two clock readings cost more than a no-op
             // handler's whole call.
-            let timed = self.route.observed;
-            let mut mark = if timed { Some(Instant::now()) } else { None };
+            let mut mark = self.route.observed.then(Instant::now);
             let mut batch = batch.into_iter();
             while let Some(delivery) = batch.next() {
                 if self.stopping.load(Ordering::Acquire) {
