@@ -459,6 +459,10 @@ fn main() {
     println!("|---|---|---:|---:|---|");
 
     let scenario = std::env::var("BENCH_SCENARIO").ok();
+    if let Some(s) = scenario.as_deref().filter(|s| !["A1", "A4", "B1", "B8"].contains(s)) {
+        eprintln!("BENCH_SCENARIO={s:?} names no scenario; use A1, A4, B1 or B8 (or leave it unset for all)");
+        std::process::exit(2);
+    }
     let wanted = |name: &str| scenario.as_deref().is_none_or(|s| s == name);
     let sides = [Side::Courier, Side::Omniqueue, Side::Ruststream, Side::Mpsc];
     for consumers in [1, 4].into_iter().filter(|c| wanted(&format!("A{c}"))) {

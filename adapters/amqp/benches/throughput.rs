@@ -292,6 +292,11 @@ async fn main() {
     let only = std::env::var("BENCH_ONLY").ok();
     let sides: Vec<Side> =
         Side::ALL.into_iter().filter(|s| only.as_deref().is_none_or(|o| s.name().starts_with(o))).collect();
+    if sides.is_empty() {
+        let names: Vec<&str> = Side::ALL.iter().map(|s| s.name()).collect();
+        eprintln!("BENCH_ONLY={only:?} starts no side's name; the sides are: {}", names.join(", "));
+        std::process::exit(2);
+    }
     // Warm-up, then rounds in rotating order so drift in the broker affects every side alike.
     for side in &sides {
         side.run(&url, n / 10).await;
