@@ -1,4 +1,5 @@
 //! Helpers the SQS adapter's integration tests share.
+#![allow(dead_code)] // each test file uses what it needs
 
 /// The SQS server `scripts/brokers up` starts (moto), or `$COURIER_TEST_SQS`.
 pub fn url() -> String {
