@@ -34,19 +34,30 @@ impl MessageId {
     /// its timestamp.
     pub(crate) fn generate_at(now: SystemTime) -> Self {
         // Not `as_millis`: its 128-bit division costs more than the rest of the id.
-        let ms = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() * 1000 + u64::from(d.subsec_millis()));
+        Self::generate_at_millis(
+            now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() * 1000 + u64::from(d.subsec_millis())),
+        )
+    }
+
+    /// A new id whose time is `ms` milliseconds after the Unix epoch.
+    pub(crate) fn generate_at_millis(ms: u64) -> Self {
         let bytes = V7.with(|state| {
             let mut s = state.get();
             let uuid = s.next(ms);
             state.set(s);
             uuid
         });
-        let text = base64_url(&bytes);
+        // Word-aligned, so checking that the text is UTF-8 takes its fast path (eight
+        // bytes at a time) rather than one byte at a time: a third of the id's cost.
+        #[repr(align(8))]
+        struct Aligned([u8; 22]);
+        let text = Aligned(base64_url(&bytes));
         // base64 output is ASCII, so this cannot fail.
-        MessageId(CompactString::from_utf8(text).expect("base64 is ASCII"))
+        MessageId(CompactString::new(std::str::from_utf8(&text.0).expect("base64 is ASCII")))
     }
 
     /// The id as text.
+    #[inline]
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -175,6 +186,16 @@ mod tests {
         assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122);
         let (secs, nanos) = uuid.get_timestamp().expect("a v7 has a time").to_unix();
         assert_eq!((secs, nanos / 1_000_000), (1_764_590_400, 123));
+    }
+
+    /// So a queue that keeps a new message's id can give its time back from it.
+    #[test]
+    fn a_new_messages_time_is_its_ids_millisecond() {
+        for _ in 0..10_000 {
+            let m = crate::Message::new("x");
+            let (secs, nanos) = uuid_of(&m.id).get_timestamp().expect("a v7 has a time").to_unix();
+            assert_eq!(m.timestamp, UNIX_EPOCH + std::time::Duration::new(secs, nanos));
+        }
     }
 
     #[test]

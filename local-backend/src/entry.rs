@@ -1,65 +1,145 @@
 //! The compact form a message takes while it waits in a queue.
+//!
+//! A plain message (an id made by Courier, its own time, no headers or keys, a payload
+//! nothing else holds) costs 48 bytes beside its payload's own memory: its id, its
+//! payload's pointer and length, and an empty pointer to the rare fields. Its time is
+//! not stored: [`Message::new`] gives a message the millisecond its id carries, so the
+//! id's first eight characters give it back. Anything else (a producer's id or time,
+//! headers, a key, a payload shared with someone else, a message back from a delivery)
+//! moves what does not fit into one box.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use courier_core::{Headers, Message, MessageId};
 
-/// A queued message. Rare fields (headers among them: most messages have none, and even
-/// an empty map costs 24 bytes and a drop) live behind one optional box, so that a
-/// million plain messages cost little more than their payloads.
-#[derive(Clone)]
+/// A queued message.
 pub(crate) struct Entry {
     pub id: MessageId,
-    pub payload: Bytes,
-    timestamp: Timestamp,
-    pub extra: Option<Box<Extra>>,
-    /// Deliveries so far.
-    pub deliveries: u32,
+    payload: Payload,
+    extra: Option<Box<Extra>>,
 }
 
-#[derive(Clone, Default)]
-pub(crate) struct Extra {
-    pub headers: Headers,
-    pub ordering_key: Option<String>,
-    pub content_type: Option<String>,
-    pub dedup_id: Option<String>,
-    /// The message's time when `Timestamp` cannot hold it.
-    time: Option<SystemTime>,
+/// The payload while queued: the bytes alone when nothing else holds them (16 bytes,
+/// where `Bytes` takes 32), or a handle on bytes shared with others (a topic's other
+/// subscriptions, a delivery still in a handler's hands).
+enum Payload {
+    Owned(Box<[u8]>),
+    Shared(Box<Bytes>),
 }
 
-/// A message's time in 8 bytes instead of `SystemTime`'s 16: nanoseconds since the Unix
-/// epoch, which reach the year 2554; a time outside that range (before 1970, or that
-/// far ahead) is kept whole in `Extra`.
-#[derive(Clone, Copy)]
-struct Timestamp(u64);
+/// The fields most messages leave empty. A message with an `Extra` keeps its time here.
+#[derive(Clone)]
+struct Extra {
+    headers: Headers,
+    ordering_key: Option<String>,
+    content_type: Option<String>,
+    dedup_id: Option<String>,
+    time: SystemTime,
+    /// Deliveries so far, for a message back in line after one.
+    deliveries: u32,
+}
 
-/// The marker for "kept whole in `Extra`".
-const TIME_IN_EXTRA: u64 = u64::MAX;
+impl Extra {
+    fn new(time: SystemTime) -> Self {
+        Extra { headers: Headers::new(), ordering_key: None, content_type: None, dedup_id: None, time, deliveries: 0 }
+    }
+}
+
+impl Payload {
+    fn from_bytes(bytes: Bytes) -> Self {
+        if bytes.is_empty() {
+            Payload::Owned(Box::default())
+        } else if bytes.is_unique() {
+            // Takes the allocation over without copying (a `Vec` given to `Message::new`).
+            Payload::Owned(Vec::from(bytes).into_boxed_slice())
+        } else {
+            Payload::Shared(Box::new(bytes))
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Payload::Owned(bytes) if bytes.is_empty() => Bytes::new(),
+            Payload::Owned(bytes) => Bytes::from(bytes),
+            Payload::Shared(bytes) => *bytes,
+        }
+    }
+}
+
+/// The milliseconds since the Unix epoch that an id made by [`MessageId::generate`]
+/// begins with: its first eight characters are the UUIDv7's 48-bit time in base64url.
+/// Any other id of eight base64url characters or more reads as some number too, which is
+/// why [`Entry::from_message`] relies on this only after checking it against the time.
+fn id_millis(id: &MessageId) -> Option<u64> {
+    let chars: &[u8; 8] = id.as_str().as_bytes().get(..8)?.try_into().ok()?;
+    let mut ms = 0u64;
+    let mut invalid = 0u8;
+    for &c in chars {
+        let sextet = SEXTETS[usize::from(c)];
+        invalid |= sextet;
+        ms = ms << 6 | u64::from(sextet);
+    }
+    // One test for all eight: only a character outside the alphabet sets the high bit.
+    (invalid & NOT_BASE64 == 0).then_some(ms)
+}
+
+const NOT_BASE64: u8 = 0x80;
+
+/// Each byte's value as a base64url digit, or `NOT_BASE64`.
+const SEXTETS: [u8; 256] = {
+    let mut table = [NOT_BASE64; 256];
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut i = 0;
+    while i < 64 {
+        table[alphabet[i] as usize] = i as u8;
+        i += 1;
+    }
+    table
+};
+
+/// The time an id's first characters give, if they are base64url.
+fn id_time(id: &MessageId) -> Option<SystemTime> {
+    id_millis(id).map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+}
 
 impl Entry {
     pub fn from_message(m: Message) -> Self {
-        let nanos = m.timestamp.duration_since(UNIX_EPOCH).ok().and_then(|d| u64::try_from(d.as_nanos()).ok());
-        let timestamp = Timestamp(nanos.filter(|n| *n != TIME_IN_EXTRA).unwrap_or(TIME_IN_EXTRA));
-        let rare = !m.headers.is_empty()
-            || m.ordering_key.is_some()
-            || m.content_type.is_some()
-            || m.dedup_id.is_some()
-            || timestamp.0 == TIME_IN_EXTRA;
-        let extra = rare.then(|| {
-            let time = (timestamp.0 == TIME_IN_EXTRA).then_some(m.timestamp);
-            let (headers, ordering_key, content_type, dedup_id) =
-                (m.headers, m.ordering_key, m.content_type, m.dedup_id);
-            Box::new(Extra { headers, ordering_key, content_type, dedup_id, time })
-        });
-        Entry { id: m.id, payload: m.payload, timestamp, extra, deliveries: 0 }
+        let plain = m.headers.is_empty()
+            && m.ordering_key.is_none()
+            && m.content_type.is_none()
+            && m.dedup_id.is_none()
+            && id_time(&m.id) == Some(m.timestamp);
+        let Message { id, payload, headers, ordering_key, content_type, timestamp, dedup_id, delay: _ } = m;
+        let extra = if plain {
+            None
+        } else {
+            let deliveries = 0;
+            Some(Box::new(Extra { headers, ordering_key, content_type, dedup_id, time: timestamp, deliveries }))
+        };
+        Entry { id, payload: Payload::from_bytes(payload), extra }
     }
 
-    pub fn to_message(&self) -> Message {
+    /// Takes the payload out for a delivery; [`Entry::put_back`] returns it.
+    pub fn take_payload(&mut self) -> Bytes {
+        std::mem::replace(&mut self.payload, Payload::Owned(Box::default())).into_bytes()
+    }
+
+    /// Puts the payload back, with the deliveries so far, when the message goes back in
+    /// a line (or on to a dead-letter destination).
+    pub fn put_back(&mut self, payload: Bytes, deliveries: u32) {
+        self.payload = Payload::from_bytes(payload);
+        if deliveries != 0 || self.extra.is_some() {
+            self.extra_mut().deliveries = deliveries;
+        }
+    }
+
+    /// The message a delivery carries, with `payload` (taken out before).
+    pub fn message(&self, payload: Bytes) -> Message {
         let extra = self.extra.as_deref();
         Message {
             id: self.id.clone(),
-            payload: self.payload.clone(),
+            payload,
             headers: extra.map(|e| e.headers.clone()).unwrap_or_default(),
             ordering_key: extra.and_then(|e| e.ordering_key.clone()),
             content_type: extra.and_then(|e| e.content_type.clone()),
@@ -69,21 +149,50 @@ impl Entry {
         }
     }
 
+    /// Deliveries so far.
+    pub fn deliveries(&self) -> u32 {
+        self.extra.as_deref().map_or(0, |e| e.deliveries)
+    }
+
     /// When the message was made.
     pub fn timestamp(&self) -> SystemTime {
-        match self.timestamp.0 {
-            TIME_IN_EXTRA => self.extra.as_deref().and_then(|e| e.time).unwrap_or(UNIX_EPOCH),
-            nanos => UNIX_EPOCH + Duration::from_nanos(nanos),
+        match self.extra.as_deref() {
+            Some(extra) => extra.time,
+            // `from_message` checked that the id gives the time back.
+            None => id_time(&self.id).unwrap_or(UNIX_EPOCH),
         }
     }
 
-    /// The headers, to add to (a dead letter's); moves them into the box if need be.
+    fn extra_mut(&mut self) -> &mut Extra {
+        if self.extra.is_none() {
+            self.extra = Some(Box::new(Extra::new(self.timestamp())));
+        }
+        self.extra.as_deref_mut().expect("just made")
+    }
+
+    /// The headers, to add to (a dead letter's).
     pub fn headers_mut(&mut self) -> &mut Headers {
-        &mut self.extra.get_or_insert_with(Box::default).headers
+        &mut self.extra_mut().headers
+    }
+
+    /// Forgets the dedup id and the deliveries: a dead letter is a new arrival.
+    pub fn arrive_anew(&mut self) {
+        if let Some(extra) = self.extra.as_deref_mut() {
+            extra.dedup_id = None;
+            extra.deliveries = 0;
+        }
     }
 
     pub fn ordering_key(&self) -> Option<&str> {
         self.extra.as_deref().and_then(|e| e.ordering_key.as_deref())
+    }
+
+    /// A copy for another queue (a topic's other subscriptions): the payload becomes
+    /// shared first, so neither copies it.
+    pub fn share(&mut self) -> Entry {
+        let bytes = self.take_payload();
+        self.payload = Payload::Shared(Box::new(bytes.clone()));
+        Entry { id: self.id.clone(), payload: Payload::Shared(Box::new(bytes)), extra: self.extra.clone() }
     }
 }
 
@@ -91,54 +200,107 @@ impl Entry {
 mod tests {
     use super::*;
 
-    fn round_trip(m: Message) -> Message {
-        Entry::from_message(m).to_message()
+    /// What a delivery of `entry` carries, leaving the entry as it was.
+    fn delivered(entry: &mut Entry) -> Message {
+        let payload = entry.take_payload();
+        let message = entry.message(payload.clone());
+        entry.put_back(payload, entry.deliveries());
+        message
     }
 
-    /// Every field comes back as it went in, whatever the time (before 1970, the
-    /// nanosecond the compact form reserves, far ahead) and with or without rare fields.
+    fn round_trip(m: Message) -> Message {
+        delivered(&mut Entry::from_message(m))
+    }
+
+    /// Every field comes back as it went in, whatever the time (before 1970, finer than a
+    /// millisecond, far ahead), the id and the rare fields.
     #[test]
     fn a_message_comes_back_whole_from_its_compact_form() {
-        let far = UNIX_EPOCH + Duration::from_secs(20_000_000_000);
+        let now = SystemTime::now();
         let times = [
-            SystemTime::now(),
+            now,
             UNIX_EPOCH,
             UNIX_EPOCH - Duration::from_nanos(1),
-            UNIX_EPOCH + Duration::from_nanos(TIME_IN_EXTRA),
-            UNIX_EPOCH + Duration::from_nanos(TIME_IN_EXTRA - 1),
-            far,
+            UNIX_EPOCH + Duration::from_millis(1_764_590_400_123),
+            UNIX_EPOCH + Duration::from_millis(1_764_590_400_123) + Duration::from_nanos(1),
+            UNIX_EPOCH + Duration::from_secs(20_000_000_000),
         ];
+        // Producers' ids, some of which read as a time: none may change what comes back.
+        let ids = ["", "x", "order-17", "AAAAAAAA", "ZmFrZS10aW1lLWlk", "ab.cdefghijk", "\u{1F600}\u{1F600}"];
         for time in times {
-            let mut plain = Message::new("p");
-            plain.timestamp = time;
-            let back = round_trip(plain.clone());
-            assert_eq!((back.id, back.payload, back.timestamp), (plain.id, plain.payload, time));
-            assert!(back.headers.is_empty());
+            for id in ids.iter().map(|id| MessageId::from(*id)).chain([MessageId::generate()]) {
+                let mut plain = Message::new("p").with_id(id.clone());
+                plain.timestamp = time;
+                let back = round_trip(plain.clone());
+                assert_eq!(back, plain, "{id:?} at {time:?}");
 
-            let mut rich = Message::new("r").with_header("a", "1").with_ordering_key("k").with_dedup_id("d");
-            rich.content_type = Some("text/plain".into());
-            rich.timestamp = time;
-            let back = round_trip(rich.clone());
-            assert_eq!(back.headers, rich.headers);
-            assert_eq!(
-                (back.ordering_key, back.content_type, back.dedup_id),
-                (rich.ordering_key, rich.content_type, rich.dedup_id)
-            );
-            assert_eq!(back.timestamp, time);
+                let mut rich = Message::new("r").with_header("a", "1").with_ordering_key("k").with_dedup_id("d");
+                rich.content_type = Some("text/plain".into());
+                rich.timestamp = time;
+                rich.id = id;
+                assert_eq!(round_trip(rich.clone()), rich);
+            }
         }
+    }
+
+    /// The case the compact form is for: `Message::new` with a payload of its own.
+    #[test]
+    fn a_plain_message_keeps_no_box_and_no_copy_of_its_payload() {
+        let payload = vec![7u8; 100];
+        let at = payload.as_ptr();
+        let message = Message::new(payload);
+        let mut entry = Entry::from_message(message.clone());
+        assert!(entry.extra.is_none(), "a plain message has no box");
+        // `message` still holds the bytes, so the entry shares them...
+        assert!(matches!(entry.payload, Payload::Shared(_)));
+        drop(message);
+        let mut entry_alone = Entry::from_message(Message::new(vec![1u8; 100]));
+        assert!(matches!(entry_alone.payload, Payload::Owned(_)), "...and takes them over when nobody else does");
+        let payload = entry.take_payload();
+        assert_eq!(payload.as_ptr(), at, "never copied");
+        entry.put_back(payload, 0);
+        assert!(matches!(entry.payload, Payload::Owned(_)));
+        assert!(entry.extra.is_none());
+        assert_eq!(delivered(&mut entry_alone).payload, vec![1u8; 100]);
+    }
+
+    #[test]
+    fn a_message_back_from_a_delivery_keeps_its_count_and_payload() {
+        let mut entry = Entry::from_message(Message::new("p"));
+        let payload = entry.take_payload();
+        let in_a_handler = entry.message(payload.clone());
+        entry.put_back(payload, 2);
+        assert_eq!(entry.deliveries(), 2);
+        assert!(matches!(entry.payload, Payload::Shared(_)), "the handler still holds the bytes");
+        let again = delivered(&mut entry);
+        assert_eq!(again, in_a_handler, "the same message, time included");
+        assert_eq!(entry.deliveries(), 2);
+    }
+
+    #[test]
+    fn copies_for_other_queues_share_the_payload() {
+        let mut entry = Entry::from_message(Message::new(vec![3u8; 10]));
+        let mut copy = entry.share();
+        let (a, b) = (delivered(&mut entry), delivered(&mut copy));
+        assert_eq!(a, b);
+        assert_eq!(a.payload.as_ptr(), b.payload.as_ptr());
     }
 
     #[test]
     fn a_dead_letters_headers_go_into_the_box_of_a_plain_message() {
-        let mut entry = Entry::from_message(Message::new("p"));
+        let message = Message::new("p");
+        let mut entry = Entry::from_message(message.clone());
         assert!(entry.extra.is_none(), "a plain message has no box");
         entry.headers_mut().insert("why".into(), "because".into());
-        assert_eq!(entry.to_message().headers.get("why").map(String::as_str), Some("because"));
+        let back = delivered(&mut entry);
+        assert_eq!(back.header("why"), Some("because"));
+        assert_eq!(back.timestamp, message.timestamp);
     }
 
-    /// Rare fields out of the way: an entry in the ready line is 80 bytes, not 112.
+    /// Rare fields out of the way: an entry in the ready line is 48 bytes, so a queued
+    /// 100-byte message costs 160 with its payload's allocation.
     #[test]
     fn an_entry_is_small() {
-        assert!(std::mem::size_of::<Entry>() <= 80, "{} bytes", std::mem::size_of::<Entry>());
+        assert!(std::mem::size_of::<Entry>() <= 48, "{} bytes", std::mem::size_of::<Entry>());
     }
 }

@@ -321,9 +321,13 @@ impl BrokerInner {
 
     pub(crate) fn deliver_dead_letter(&self, dead: DeadEntry) -> Result<()> {
         let to = dead.letter.destination().clone();
-        let entry = queue::dead_letter_entry(dead);
-        for q in self.targets(&to) {
-            q.push_dead_letter(entry.clone());
+        let mut entry = queue::dead_letter_entry(dead);
+        let targets = self.targets(&to);
+        if let Some((last, others)) = targets.split_last() {
+            for q in others {
+                q.push_dead_letter(entry.share());
+            }
+            last.push_dead_letter(entry);
         }
         Ok(())
     }

@@ -7,6 +7,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use courier_core::{DeadLetter as Letter, Error, MessageId, Result, SettlePolicy, Source, Stats};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -34,9 +35,23 @@ pub(crate) struct ConsumerPolicy {
 }
 
 struct InFlight {
+    /// The message, its payload taken out into `payload`.
     entry: Entry,
+    /// The payload, shared with the delivery.
+    payload: Bytes,
+    /// Deliveries so far, this one included.
+    deliveries: u32,
     deadline: Instant,
     policy: Arc<ConsumerPolicy>,
+}
+
+impl InFlight {
+    /// The entry whole again, to go back in a line or on to a dead-letter destination.
+    fn into_entry(self) -> Entry {
+        let mut entry = self.entry;
+        entry.put_back(self.payload, self.deliveries);
+        entry
+    }
 }
 
 struct Delayed {
@@ -327,12 +342,15 @@ impl Queue {
                     let mut taken = Vec::with_capacity(n);
                     for _ in 0..n {
                         let mut entry = st.ready.pop_front().expect("checked length");
-                        entry.deliveries += 1;
+                        let deliveries = entry.deliveries() + 1;
+                        let payload = entry.take_payload();
                         let tag = st.next_tag;
                         st.next_tag += 1;
-                        taken.push(deliver(tag, entry.deliveries, entry.to_message()));
+                        taken.push(deliver(tag, deliveries, entry.message(payload.clone())));
                         st.leases.add(lease_deadline, tag);
-                        st.in_flight.insert(tag, InFlight { entry, deadline: lease_deadline, policy: policy.clone() });
+                        let policy = policy.clone();
+                        st.in_flight
+                            .insert(tag, InFlight { entry, payload, deliveries, deadline: lease_deadline, policy });
                     }
                     self.arm(&mut st, lease_deadline);
                     let more = !st.ready.is_empty();
@@ -393,7 +411,7 @@ impl Queue {
         let mut st = self.lock();
         let flight = st.in_flight.remove(&tag).ok_or_else(|| Self::settle_lost(id))?;
         st.forget_lease(flight.deadline, tag);
-        let flight_entry = flight.entry;
+        let flight_entry = flight.into_entry();
         match delay.filter(|d| !d.is_zero()) {
             Some(delay) => {
                 let due = later(Instant::now(), delay);
@@ -416,7 +434,7 @@ impl Queue {
         let mut st = self.lock();
         let flight = st.in_flight.remove(&tag).ok_or_else(|| Self::settle_lost(id))?;
         st.forget_lease(flight.deadline, tag);
-        let dead = st.remove_for_dead_letter(flight.entry, letter.clone());
+        let dead = st.remove_for_dead_letter(flight.into_entry(), letter.clone());
         drop(st);
         self.dead_letter(dead)
     }
@@ -443,7 +461,7 @@ impl Queue {
         for tag in tags.iter().rev() {
             let flight = st.in_flight.remove(tag).expect("listed above");
             st.forget_lease(flight.deadline, *tag);
-            st.ready.push_front(flight.entry);
+            st.ready.push_front(flight.into_entry());
         }
         drop(st);
         if !tags.is_empty() {
@@ -480,12 +498,12 @@ impl Queue {
                 // Only the backend sees a lease expire, so it counts that attempt; core's
                 // policy says whether it was the last, and builds the dead letter.
                 let settle = &flight.policy.settle;
-                if settle.is_last(flight.entry.deliveries) {
-                    let letter = settle.gave_up(flight.entry.deliveries, "max attempts reached on lease expiry");
-                    dead.push(st.remove_for_dead_letter(flight.entry, letter));
+                if settle.is_last(flight.deliveries) {
+                    let letter = settle.gave_up(flight.deliveries, "max attempts reached on lease expiry");
+                    dead.push(st.remove_for_dead_letter(flight.into_entry(), letter));
                 } else {
                     // An expired lease is the oldest work around: first in line.
-                    st.ready.push_front(flight.entry);
+                    st.ready.push_front(flight.into_entry());
                 }
                 woke = true;
             }
@@ -631,11 +649,9 @@ impl State {
 pub(crate) fn dead_letter_entry(dead: DeadEntry) -> Entry {
     let DeadEntry { mut entry, letter } = dead;
     letter.write_headers(entry.headers_mut());
-    if let Some(extra) = entry.extra.as_deref_mut() {
-        // A dead letter is a new arrival in its queue: never dropped as a duplicate.
-        extra.dedup_id = None;
-    }
-    entry.deliveries = 0;
+    // A dead letter is a new arrival in its queue: never dropped as a duplicate, and
+    // with no deliveries yet.
+    entry.arrive_anew();
     entry
 }
 
