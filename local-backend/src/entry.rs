@@ -5,8 +5,8 @@
 //! payload's pointer and length, and an empty pointer to the rare fields. Its time is
 //! not stored: [`Message::new`] gives a message the millisecond its id carries, so the
 //! id's first eight characters give it back. Anything else (a producer's id or time,
-//! headers, a key, a payload shared with someone else, a message back from a delivery)
-//! moves what does not fit into one box.
+//! headers, a key, a message back from a delivery) keeps the fields that do not fit in
+//! one box; a payload shared with others is kept as a handle in a box of its own.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -51,7 +51,7 @@ impl Payload {
         if bytes.is_empty() {
             Payload::Owned(Box::default())
         } else if bytes.is_unique() {
-            // Takes the allocation over without copying (a `Vec` given to `Message::new`).
+            // Takes the allocation over (a `Vec` given to `Message::new`): no new one.
             Payload::Owned(Vec::from(bytes).into_boxed_slice())
         } else {
             Payload::Shared(Box::new(bytes))
