@@ -5,7 +5,7 @@
 
 use std::cell::Cell;
 use std::fmt;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use compact_str::CompactString;
 
@@ -27,20 +27,25 @@ pub struct MessageId(CompactString);
 impl MessageId {
     /// A new unique, time-ordered id.
     pub fn generate() -> Self {
-        Self::generate_at(SystemTime::now())
+        Self::generate_at(SystemTime::now()).0
     }
 
-    /// A new id whose time is `now`, so a message reads the clock once for its id and
-    /// its timestamp.
-    pub(crate) fn generate_at(now: SystemTime) -> Self {
-        // Not `as_millis`: its 128-bit division costs more than the rest of the id.
-        Self::generate_at_millis(
-            now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() * 1000 + u64::from(d.subsec_millis())),
-        )
+    /// A new id whose time is `now`, and the time it carries: `now` to the millisecond
+    /// (before 1970, the id carries 0 and `now` is kept as it is). So a message reads the
+    /// clock once for its id and its timestamp, and they agree.
+    pub(crate) fn generate_at(now: SystemTime) -> (Self, SystemTime) {
+        match now.duration_since(UNIX_EPOCH) {
+            Ok(since) => {
+                // Not `as_millis`: its 128-bit division costs more than the rest of the id.
+                let ms = since.as_secs() * 1000 + u64::from(since.subsec_millis());
+                (Self::generate_at_millis(ms), UNIX_EPOCH + Duration::from_millis(ms))
+            }
+            Err(_) => (Self::generate_at_millis(0), now),
+        }
     }
 
     /// A new id whose time is `ms` milliseconds after the Unix epoch.
-    pub(crate) fn generate_at_millis(ms: u64) -> Self {
+    fn generate_at_millis(ms: u64) -> Self {
         let bytes = V7.with(|state| {
             let mut s = state.get();
             let uuid = s.next(ms);
@@ -181,7 +186,7 @@ mod tests {
     #[test]
     fn an_id_is_a_uuid_v7_of_its_millisecond() {
         let now = UNIX_EPOCH + std::time::Duration::from_millis(1_764_590_400_123);
-        let uuid = uuid_of(&MessageId::generate_at(now));
+        let uuid = uuid_of(&MessageId::generate_at(now).0);
         assert_eq!(uuid.get_version_num(), 7);
         assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122);
         let (secs, nanos) = uuid.get_timestamp().expect("a v7 has a time").to_unix();
@@ -194,7 +199,7 @@ mod tests {
         for _ in 0..10_000 {
             let m = crate::Message::new("x");
             let (secs, nanos) = uuid_of(&m.id).get_timestamp().expect("a v7 has a time").to_unix();
-            assert_eq!(m.timestamp, UNIX_EPOCH + std::time::Duration::new(secs, nanos));
+            assert_eq!(m.timestamp, UNIX_EPOCH + Duration::new(secs, nanos));
         }
     }
 
@@ -206,7 +211,7 @@ mod tests {
             1 => start, // back
             _ => start + std::time::Duration::from_millis(i / 1000),
         });
-        let ids: Vec<uuid::Uuid> = times.map(|t| uuid_of(&MessageId::generate_at(t))).collect();
+        let ids: Vec<uuid::Uuid> = times.map(|t| uuid_of(&MessageId::generate_at(t).0)).collect();
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids of one thread in order");
     }
 

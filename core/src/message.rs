@@ -1,7 +1,7 @@
 //! The message model: what a producer sends and a consumer receives.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
@@ -70,15 +70,7 @@ impl Message {
     pub fn new(payload: impl Into<Bytes>) -> Self {
         // Whole milliseconds, as the id has: a queue that keeps the id need not keep the
         // time (the in-process backend's queued messages are 16 bytes smaller for it).
-        let now = SystemTime::now();
-        let (id, timestamp) = match now.duration_since(UNIX_EPOCH) {
-            Ok(since) => {
-                // Not `as_millis`: its 128-bit division costs more than the rest of the id.
-                let ms = since.as_secs() * 1000 + u64::from(since.subsec_millis());
-                (MessageId::generate_at_millis(ms), UNIX_EPOCH + Duration::from_millis(ms))
-            }
-            Err(_) => (MessageId::generate_at(now), now),
-        };
+        let (id, timestamp) = MessageId::generate_at(SystemTime::now());
         Message {
             id,
             payload: payload.into(),

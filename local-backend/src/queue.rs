@@ -409,8 +409,7 @@ impl Queue {
     /// Hands an in-flight delivery back for another attempt, after `delay` when given.
     pub fn redeliver(&self, tag: u64, id: &MessageId, delay: Option<Duration>) -> Result<()> {
         let mut st = self.lock();
-        let flight = st.in_flight.remove(&tag).ok_or_else(|| Self::settle_lost(id))?;
-        st.forget_lease(flight.deadline, tag);
+        let flight = st.take_in_flight(tag).ok_or_else(|| Self::settle_lost(id))?;
         let flight_entry = flight.into_entry();
         match delay.filter(|d| !d.is_zero()) {
             Some(delay) => {
@@ -432,8 +431,7 @@ impl Queue {
     /// Dead-letters an in-flight delivery now.
     pub fn dead_letter_now(&self, tag: u64, id: &MessageId, letter: &Letter) -> Result<()> {
         let mut st = self.lock();
-        let flight = st.in_flight.remove(&tag).ok_or_else(|| Self::settle_lost(id))?;
-        st.forget_lease(flight.deadline, tag);
+        let flight = st.take_in_flight(tag).ok_or_else(|| Self::settle_lost(id))?;
         let dead = st.remove_for_dead_letter(flight.into_entry(), letter.clone());
         drop(st);
         self.dead_letter(dead)
@@ -459,8 +457,7 @@ impl Queue {
         // Oldest first back at the front of the line.
         tags.sort_unstable();
         for tag in tags.iter().rev() {
-            let flight = st.in_flight.remove(tag).expect("listed above");
-            st.forget_lease(flight.deadline, *tag);
+            let flight = st.take_in_flight(*tag).expect("listed above");
             st.ready.push_front(flight.into_entry());
         }
         drop(st);
@@ -592,11 +589,17 @@ impl State {
         self.leases.settled(deadline, tag, &self.in_flight);
     }
 
+    /// Takes a delivery out of flight, with its lease; `None` if it is not in flight.
+    fn take_in_flight(&mut self, tag: u64) -> Option<InFlight> {
+        let flight = self.in_flight.remove(&tag)?;
+        self.forget_lease(flight.deadline, tag);
+        Some(flight)
+    }
+
     /// Removes an acked delivery for good: its entry (to drop outside the lock), and
     /// whether that let a message of its key become ready. `None` if it is not in flight.
     fn acked(&mut self, tag: u64) -> Option<(InFlight, bool)> {
-        let flight = self.in_flight.remove(&tag)?;
-        self.forget_lease(flight.deadline, tag);
+        let flight = self.take_in_flight(tag)?;
         let released_key = self.finish(&flight.entry);
         Some((flight, released_key))
     }

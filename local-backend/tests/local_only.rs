@@ -192,3 +192,37 @@ async fn huge_delays_and_leases_neither_panic_nor_lose_the_message() {
     assert_eq!(broker.stats(&other).await.unwrap().in_flight, 1);
     d.ack().await.unwrap();
 }
+
+/// Messages the queue stores in its compact form (a generated id whose millisecond is the
+/// time, a payload of their own) sent in one batch with every kind that is not: producer
+/// ids that read as a time and are not, times before 1970 or finer than a millisecond,
+/// shared and empty payloads. Each arrives as it was sent, in order, and after a
+/// redelivery still whole.
+#[tokio::test]
+async fn odd_ids_times_and_payloads_arrive_whole_beside_plain_messages() {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let broker = LocalBroker::new();
+    let (source, dest) = orders();
+    let consumer = broker.consumer(&source, ConsumerOptions::default()).await.unwrap();
+    let at = |time: SystemTime, m: Message| Message { timestamp: time, ..m };
+    let shared = bytes::Bytes::from(vec![9u8; 64]);
+    let sent = vec![
+        Message::new(vec![1u8; 100]),
+        Message::new("static").with_id("AAAAAAAA"),
+        at(UNIX_EPOCH, Message::new(vec![2u8; 3]).with_id("AAAAAAAA")),
+        at(UNIX_EPOCH - Duration::from_nanos(1), Message::new(vec![3u8; 3])),
+        at(SystemTime::now(), Message::new(vec![4u8; 3])),
+        Message::new(Vec::<u8>::new()).with_id("\u{1F600}"),
+        Message::new(shared.clone()).with_id(""),
+        Message::new(vec![5u8; 100]),
+    ];
+    broker.send_batch(&dest, sent.clone()).await.unwrap();
+    let first = consumer.receive(sent.len(), Duration::from_secs(1)).await.unwrap();
+    assert_eq!(first.iter().map(|d| d.message().clone()).collect::<Vec<_>>(), sent);
+    for d in &first {
+        d.retry().await.unwrap();
+    }
+    let again = consumer.receive(sent.len(), Duration::from_secs(1)).await.unwrap();
+    assert_eq!(again.iter().map(|d| d.message().clone()).collect::<Vec<_>>(), sent);
+    assert!(again.iter().all(|d| d.attempt() == 2));
+}
