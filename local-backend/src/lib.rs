@@ -33,6 +33,7 @@
 
 mod entry;
 mod queue;
+mod tag_table;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};

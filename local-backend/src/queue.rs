@@ -3,7 +3,6 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -13,6 +12,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::entry::Entry;
+use crate::tag_table::TagTable;
 use crate::{BrokerInner, WhenFull};
 
 /// How far ahead an unbounded delay, lease or wait is put: later than any real deadline.
@@ -85,7 +85,7 @@ pub(crate) struct DeadEntry {
     pub letter: Letter,
 }
 
-type InFlightMap = HashMap<u64, InFlight, BuildHasherDefault<TagHasher>>;
+type InFlightMap = TagTable<InFlight>;
 
 /// Lease deadlines in expiry order, cheap on the per-message path.
 ///
@@ -119,7 +119,7 @@ impl Leases {
         if self.in_order.front() == Some(&(deadline, tag)) {
             self.in_order.pop_front();
         } else if self.in_order.len() > 1024 && self.in_order.len() > 2 * in_flight.len() {
-            self.in_order.retain(|&(d, t)| in_flight.get(&t).is_some_and(|f| f.deadline == d));
+            self.in_order.retain(|&(d, t)| in_flight.get(t).is_some_and(|f| f.deadline == d));
         }
     }
 
@@ -141,25 +141,6 @@ impl Leases {
         } else {
             self.in_order.pop_front();
         }
-    }
-}
-
-/// Delivery tags are sequential numbers: one multiply spreads them well enough, far
-/// cheaper than SipHash on the per-message path.
-#[derive(Default)]
-struct TagHasher(u64);
-
-impl Hasher for TagHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 << 8 | *b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
 }
 
@@ -441,7 +422,7 @@ impl Queue {
     pub fn extend(&self, tag: u64, id: &MessageId, by: Duration) -> Result<()> {
         let mut st = self.lock();
         let deadline = later(Instant::now(), by);
-        let flight = st.in_flight.get_mut(&tag).ok_or_else(|| Self::settle_lost(id))?;
+        let flight = st.in_flight.get_mut(tag).ok_or_else(|| Self::settle_lost(id))?;
         let old = std::mem::replace(&mut flight.deadline, deadline);
         st.forget_lease(old, tag);
         st.leases.add(deadline, tag);
@@ -453,7 +434,7 @@ impl Queue {
     pub fn release_consumer(&self, consumer: u64) {
         let mut st = self.lock();
         let mut tags: Vec<u64> =
-            st.in_flight.iter().filter(|(_, f)| f.policy.id == consumer).map(|(tag, _)| *tag).collect();
+            st.in_flight.iter().filter(|(_, f)| f.policy.id == consumer).map(|(tag, _)| tag).collect();
         // Oldest first back at the front of the line.
         tags.sort_unstable();
         for tag in tags.iter().rev() {
@@ -488,10 +469,10 @@ impl Queue {
                 }
                 st.leases.pop_first();
                 // Skip leases that were settled or extended since.
-                if st.in_flight.get(&tag).is_none_or(|f| f.deadline != deadline) {
+                if st.in_flight.get(tag).is_none_or(|f| f.deadline != deadline) {
                     continue;
                 }
-                let flight = st.in_flight.remove(&tag).expect("checked above");
+                let flight = st.in_flight.remove(tag).expect("checked above");
                 // Only the backend sees a lease expire, so it counts that attempt; core's
                 // policy says whether it was the last, and builds the dead letter.
                 let settle = &flight.policy.settle;
@@ -591,7 +572,7 @@ impl State {
 
     /// Takes a delivery out of flight, with its lease; `None` if it is not in flight.
     fn take_in_flight(&mut self, tag: u64) -> Option<InFlight> {
-        let flight = self.in_flight.remove(&tag)?;
+        let flight = self.in_flight.remove(tag)?;
         self.forget_lease(flight.deadline, tag);
         Some(flight)
     }
