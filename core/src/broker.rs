@@ -129,6 +129,33 @@ pub trait Consumer: Send + Sync {
     /// source waits (never busy-polls) and then returns an empty vector, not an error.
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>>;
 
+    /// As [`receive`](Self::receive), but appends the deliveries to `into` and returns
+    /// how many: a caller that receives in a loop reuses one vector, where `receive`
+    /// allocates one a call (on the in-process backend, about a tenth of a message's
+    /// cost in batches of ten). The default calls `receive`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use courier_core::{Consumer, Delivery};
+    ///
+    /// async fn drain(consumer: &dyn Consumer) -> Result<(), courier_core::Error> {
+    ///     let mut batch = Vec::with_capacity(10);
+    ///     while consumer.receive_into(10, Duration::ZERO, &mut batch).await? > 0 {
+    ///         for result in Delivery::ack_all(&batch).await {
+    ///             result?;
+    ///         }
+    ///         batch.clear();
+    ///     }
+    ///     Ok(())
+    /// }
+    /// ```
+    async fn receive_into(&self, max: usize, wait: Duration, into: &mut Vec<Delivery>) -> Result<usize> {
+        let batch = self.receive(max, wait).await?;
+        let received = batch.len();
+        into.extend(batch);
+        Ok(received)
+    }
+
     /// One delivery, or `None` after `wait`.
     async fn receive_one(&self, wait: Duration) -> Result<Option<Delivery>> {
         Ok(self.receive(1, wait).await?.pop())

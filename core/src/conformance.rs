@@ -138,7 +138,9 @@ impl Setup {
     }
 }
 
-/// Receives until `n` deliveries arrived or `within` passed.
+/// Receives until `n` deliveries arrived or `within` passed, each receive appending to
+/// the deliveries so far with [`Consumer::receive_into`] (so every case that calls this
+/// checks that it appends, counts what it appended and takes no more than asked).
 pub async fn receive_n(consumer: &dyn Consumer, n: usize, within: Duration) -> Vec<Delivery> {
     let deadline = Instant::now() + within;
     let mut got = Vec::new();
@@ -147,8 +149,14 @@ pub async fn receive_n(consumer: &dyn Consumer, n: usize, within: Duration) -> V
         if left.is_zero() {
             break;
         }
-        let batch = consumer.receive(n - got.len(), left.min(Duration::from_secs(5))).await.expect("receive");
-        got.extend(batch);
+        let (before, first) = (got.len(), got.first().map(|d: &Delivery| d.id.clone()));
+        let max = n - before;
+        let added = consumer.receive_into(max, left.min(Duration::from_secs(5)), &mut got).await.expect("receive_into");
+        assert_eq!(got.len(), before + added, "receive_into must return how many it appended");
+        assert!(added <= max, "receive_into took {added} for a max of {max}");
+        if let Some(first) = first {
+            assert_eq!(got[0].id, first, "receive_into must append, not replace");
+        }
     }
     got
 }

@@ -21,7 +21,8 @@
 //!
 //! A, queue level: send N messages, then drain them in batches of 100, acking each, and
 //! time both. Each side sends its fastest natural way: Courier in `send_batch`es of 100,
-//! the others one call per message. With 4 consumers Courier opens 4 consumers on the
+//! the others one call per message. Courier receives each batch into one reused vector
+//! (`receive_into`). With 4 consumers Courier opens 4 consumers on the
 //! queue; omniqueue's and ruststream's queues take one, so 4 tasks share it behind a lock
 //! (a batch is taken under the lock and acked outside it), as they share the mpsc receiver.
 //!
@@ -146,16 +147,17 @@ mod courier_side {
             let consumer = broker.consumer(&source, ConsumerOptions::default()).await.unwrap();
             drains.push(tokio::spawn(async move {
                 let mut acked = 0usize;
+                let mut got = Vec::with_capacity(BATCH);
                 loop {
                     // No wait: all was sent before the drain, so an empty receive means done.
-                    let got = consumer.receive(BATCH, Duration::ZERO).await.unwrap();
-                    if got.is_empty() {
+                    if consumer.receive_into(BATCH, Duration::ZERO, &mut got).await.unwrap() == 0 {
                         return acked;
                     }
                     for result in Delivery::ack_all(&got).await {
                         result.unwrap();
                         acked += 1;
                     }
+                    got.clear();
                 }
             }));
         }

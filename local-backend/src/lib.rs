@@ -535,9 +535,15 @@ impl Consumer for LocalConsumer {
     }
 
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let mut batch = Vec::new();
+        self.receive_into(max, wait, &mut batch).await?;
+        Ok(batch)
+    }
+
+    async fn receive_into(&self, max: usize, wait: Duration, into: &mut Vec<Delivery>) -> Result<usize> {
         self.handle
             .queue
-            .take(max, wait, &self.policy, &self.open, |tag, attempt, message| {
+            .take(max, wait, &self.policy, &self.open, into, |tag, attempt, message| {
                 Delivery::tagged(message, attempt, self.handle.clone(), tag)
             })
             .await

@@ -291,17 +291,19 @@ impl Queue {
         }
     }
 
-    /// Takes up to `max` ready messages for a consumer, waiting up to `wait`; `deliver`
-    /// makes each one's delivery from its tag, attempt and message, in place (a message
-    /// is large, and moving it from one vector into another cost a copy each).
+    /// Takes up to `max` ready messages for a consumer, waiting up to `wait`, onto the
+    /// end of `taken`; returns how many. `deliver` makes each one's delivery from its
+    /// tag, attempt and message, in place (a message is large, and moving it from one
+    /// vector into another cost a copy each).
     pub async fn take<T>(
         self: &Arc<Self>,
         max: usize,
         wait: Duration,
         policy: &Arc<ConsumerPolicy>,
         consumer: &courier_core::backend::OpenGuard,
+        taken: &mut Vec<T>,
         mut deliver: impl FnMut(u64, u32, courier_core::Message) -> T,
-    ) -> Result<Vec<T>> {
+    ) -> Result<usize> {
         let started = Instant::now();
         let deadline = later(started, wait);
         let max = max.max(1);
@@ -320,7 +322,7 @@ impl Queue {
                     let now = if first_try { started } else { Instant::now() };
                     let lease_deadline = later(now, policy.lease);
                     let n = max.min(st.ready.len());
-                    let mut taken = Vec::with_capacity(n);
+                    taken.reserve_exact(n);
                     for _ in 0..n {
                         let mut entry = st.ready.pop_front().expect("checked length");
                         let deliveries = entry.deliveries() + 1;
@@ -340,13 +342,13 @@ impl Queue {
                         // Pass the baton: another waiting consumer can take the rest.
                         self.readable.notify_one();
                     }
-                    return Ok(taken);
+                    return Ok(n);
                 }
             }
             first_try = false;
             tokio::select! {
                 _ = &mut notified => {}
-                _ = tokio::time::sleep_until(deadline) => return Ok(Vec::new()),
+                _ = tokio::time::sleep_until(deadline) => return Ok(0),
             }
         }
     }
