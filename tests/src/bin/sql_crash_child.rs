@@ -88,7 +88,6 @@ async fn main() {
                 if batch.is_empty() {
                     continue;
                 }
-                quiet_since = tokio::time::Instant::now();
                 for d in &batch {
                     record(&out, "got", d.id.as_str());
                 }
@@ -97,7 +96,12 @@ async fn main() {
                     d.ack().await.expect("ack");
                     record(&out, "acked", d.id.as_str());
                 }
+                // Quiet counts from the last ack: acks slowed by other processes' locks
+                // must not end the loop while a batch read ahead still waits here.
+                quiet_since = tokio::time::Instant::now();
             }
+            // Gives back what was read ahead now; dropped at exit, it would wait out its lease.
+            consumer.close().await.expect("close");
         }
         [mode, url, queue, lease_ms, idle_ms, out] if mode == "work" => {
             let broker: courier_core::DynBroker =
