@@ -79,12 +79,12 @@ async fn a_worker_killed_mid_stream_loses_nothing_and_keeps_per_key_order() {
     let killed_at = handled(&first_out).len();
     assert!(killed_at < N, "killed too late to test anything ({killed_at} handled)");
 
-    // A new worker joins the group once the dead member's session (10 s) has timed out,
+    // A new worker joins the group once the dead member's session has timed out,
     // and finishes. It joins after, not during: Tansu 0.6's coordinator, asked to rebalance
     // while a dead member's session still runs, gave the newcomer no partitions and never
     // rebalanced again once that session ended (seen on 2026-12-07, failing every run).
     // Apache Kafka evicts the dead member in that rebalance.
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    tokio::time::sleep(courier_kafka::SESSION_TIMEOUT + Duration::from_secs(2)).await;
     let mut second = worker(&second_out);
     let deadline = Instant::now() + Duration::from_secs(120);
     let all: HashSet<String> = (0..N).map(|i| format!("m{i}")).collect();

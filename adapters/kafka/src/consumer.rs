@@ -445,7 +445,7 @@ impl KafkaConsumer {
             // Range gives one member the same partition numbers of the source and its
             // retry topic, so a retried copy returns to the consumer holding its key.
             .set("partition.assignment.strategy", "range")
-            .set("session.timeout.ms", "10000")
+            .set("session.timeout.ms", crate::SESSION_TIMEOUT.as_millis().to_string())
             .set("heartbeat.interval.ms", "1000");
         for (key, value) in &broker.config.client {
             client.set(key, value); // settings in the URL win

@@ -119,6 +119,11 @@ const MAX_PAYLOAD: usize = 1_000_000;
 /// How long a broker call may take before it fails as retryable.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long the group waits to hear from a consumer before it counts the consumer dead
+/// and gives its partitions to the others (`session.timeout.ms`, unless the URL sets it).
+/// A process killed without leaving holds its partitions this long.
+pub const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A Kafka broker: a cheap, cloneable handle on one producer and admin client.
 #[derive(Clone)]
 pub struct KafkaBroker {
