@@ -163,6 +163,10 @@ pub trait Consumer: Send + Sync {
 
     /// Stops receiving. Unsettled deliveries of this consumer go back to the source for
     /// other consumers (where the backend can; otherwise after their lease).
+    ///
+    /// Close a consumer before its program ends. One only dropped gives back what it read
+    /// ahead in the background, which a process that exits next never runs: those messages
+    /// then wait out their lease before anyone else gets them.
     async fn close(&self) -> Result<()>;
 }
 
