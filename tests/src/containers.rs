@@ -167,11 +167,18 @@ impl std::fmt::Debug for BrokerContainer {
 impl BrokerContainer {
     /// Starts `kind`'s broker and waits until it accepts clients.
     pub async fn start(kind: Kind) -> BrokerContainer {
-        Self::start_with_tansu_storage(kind, "memory://tansu/").await
+        Self::start_with(kind, "memory://tansu/", &[]).await
     }
 
-    /// [`start`](Self::start), with Tansu's log (when Tansu is the Kafka API) in `storage`.
-    async fn start_with_tansu_storage(kind: Kind, storage: &str) -> BrokerContainer {
+    /// [`start`](Self::start), with `env` set in the container: a server setting, such as
+    /// RabbitMQ's `RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS`.
+    pub async fn start_with_env(kind: Kind, env: &[(&str, &str)]) -> BrokerContainer {
+        Self::start_with(kind, "memory://tansu/", env).await
+    }
+
+    /// [`start`](Self::start), with Tansu's log (when Tansu is the Kafka API) in `storage`
+    /// and `env` set in the container.
+    async fn start_with(kind: Kind, storage: &str, env: &[(&str, &str)]) -> BrokerContainer {
         let image = kind.image();
         if kind == Kind::Sqs {
             crate::dummy_aws_credentials();
@@ -213,6 +220,7 @@ impl BrokerContainer {
             }
             _ => request,
         };
+        let request = env.iter().fold(request, |request, (name, value)| request.with_env_var(*name, *value));
         let container = request.start().await.unwrap_or_else(|e| {
             panic!(
                 "the {image} container did not start: {e}. Run scripts/images to build the local images, or set {} to another image",
@@ -349,7 +357,7 @@ pub async fn durable_kafka() -> BrokerContainer {
     if !Kind::Kafka.image().starts_with("courier-test/") {
         return BrokerContainer::start(Kind::Kafka).await;
     }
-    BrokerContainer::start_with_tansu_storage(Kind::Kafka, "sqlite://tansu.db").await
+    BrokerContainer::start_with(Kind::Kafka, "sqlite://tansu.db", &[]).await
 }
 
 /// RabbitMQ nodes clustered on a Docker network of their own, each on a host port of its

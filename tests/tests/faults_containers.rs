@@ -11,6 +11,8 @@
 //! - half-open connections: every connection open to the broker black-holed for the rest
 //!   of the run (`iptables` drops their packets both ways, with no reset), while new
 //!   connections go through.
+//! - a RabbitMQ server with heartbeats off, on which a dead connection would go
+//!   unnoticed: connecting warns, and says how to turn them on.
 //!
 //! Each asserts that every message whose send was confirmed is processed by the same
 //! worker, which recovers by itself, and prints how many were handled twice.
@@ -207,4 +209,59 @@ async fn leader_and_members(node: &BrokerContainer, queue: &str) -> (String, Vec
     let entry = queues.iter().find(|q| q["name"] == queue).unwrap_or_else(|| panic!("no queue {queue} in {listing}"));
     let members = entry["members"].as_array().map(|m| m.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect());
     (entry["leader"].as_str().unwrap_or_default().to_owned(), members.unwrap_or_default())
+}
+
+/// Warnings logged on this thread, as text.
+#[derive(Clone, Default)]
+struct Warnings(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Warnings {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Warnings {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// A server whose heartbeat is 0 (some managed setups turn it off) leaves a dead
+/// connection unnoticed, with its prefetched messages unacked on the server: connecting
+/// warns of it and names the fix. With `heartbeat=N` in the URL, lapin keeps heartbeats
+/// on and nothing is said.
+// One thread: the warnings are caught by a subscriber set for this thread only.
+#[tokio::test(flavor = "current_thread")]
+async fn rabbitmq_with_heartbeats_off_is_warned_of() {
+    let warnings = Warnings::default();
+    let writer = warnings.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _scope = tracing::subscriber::set_default(subscriber);
+    let server = BrokerContainer::start_with_env(
+        Kind::RabbitMq,
+        &[("RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS", "-rabbit heartbeat 0")],
+    )
+    .await;
+
+    let on = courier_amqp::AmqpBroker::connect(&with_settings(&server.url, "heartbeat=10")).await.unwrap();
+    assert!(!warnings.text().contains("heartbeat"), "warned with heartbeats on: {}", warnings.text());
+    courier_core::Broker::close(&on).await.unwrap();
+
+    let off = courier_amqp::AmqpBroker::connect(&server.url).await.unwrap();
+    let text = warnings.text();
+    assert!(
+        text.contains("RabbitMQ heartbeats are off (the negotiated heartbeat is 0)") && text.contains("heartbeat=N"),
+        "no warning, or one that does not name the fix: {text:?}"
+    );
+    assert!(!text.contains("guest:guest"), "the warning shows the password: {text}");
+    courier_core::Broker::close(&off).await.unwrap();
 }
