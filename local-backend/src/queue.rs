@@ -95,6 +95,11 @@ type InFlightMap = TagTable<InFlight>;
 /// order taken); one settled out of order stays as a stale entry, which the timer skips,
 /// until the deque is compacted, when stale entries outnumber live ones. So a settlement
 /// costs no lookup, and the deque's size stays proportional to what is in flight.
+///
+/// It is kept apart from the in-flight table, though both follow tag order mostly: tag
+/// order is deadline order only while every consumer has one lease and none extends it,
+/// and the table moves long-held deliveries (the earliest deadlines) to an unordered
+/// map, which the timer would then have to search.
 #[derive(Default)]
 struct Leases {
     in_order: VecDeque<(Instant, u64)>,
