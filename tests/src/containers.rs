@@ -167,7 +167,7 @@ impl std::fmt::Debug for BrokerContainer {
 impl BrokerContainer {
     /// Starts `kind`'s broker and waits until it accepts clients.
     pub async fn start(kind: Kind) -> BrokerContainer {
-        Self::start_with(kind, "memory://tansu/", &[]).await
+        Self::start_with_env(kind, &[]).await
     }
 
     /// [`start`](Self::start), with `env` set in the container: a server setting, such as
