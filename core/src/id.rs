@@ -46,19 +46,22 @@ impl MessageId {
 
     /// A new id whose time is `ms` milliseconds after the Unix epoch.
     fn generate_at_millis(ms: u64) -> Self {
-        let bytes = V7.with(|state| {
+        let uuid = V7.with(|state| {
             let mut s = state.get();
             let uuid = s.next(ms);
             state.set(s);
             uuid
         });
-        // Word-aligned, so checking that the text is UTF-8 takes its fast path (eight
-        // bytes at a time) rather than one byte at a time: a third of the id's cost.
+        // Checking that the text is UTF-8 goes sixteen bytes at a time from a word
+        // boundary, then byte by byte: 22 characters padded to 32 check in two steps,
+        // where 22 alone took one step and six single bytes (a third of the id's cost).
         #[repr(align(8))]
-        struct Aligned([u8; 22]);
-        let text = Aligned(base64_url(&bytes));
+        struct Aligned([u8; 32]);
+        let mut text = Aligned([b'A'; 32]);
+        text.0[..22].copy_from_slice(&base64_url(uuid));
         // base64 output is ASCII, so this cannot fail.
-        MessageId(CompactString::new(std::str::from_utf8(&text.0).expect("base64 is ASCII")))
+        let text = std::str::from_utf8(&text.0).expect("base64 is ASCII");
+        MessageId(CompactString::new(&text[..22]))
     }
 
     /// The id as text.
@@ -94,7 +97,8 @@ impl V7State {
         (t >> 64) as u64 ^ t as u64
     }
 
-    fn next(&mut self, ms: u64) -> [u8; 16] {
+    /// The next id, as the UUID's 128 bits.
+    fn next(&mut self, ms: u64) -> u128 {
         if ms > self.ms {
             self.ms = ms;
             // The top bit left clear, so the count has room before it runs out.
@@ -111,25 +115,27 @@ impl V7State {
         let ms = self.ms & 0xffff_ffff_ffff;
         let high = ms << 16 | 0x7000 | (self.counter >> 30) & 0xfff;
         let low = 0b10 << 62 | (self.counter & 0x3fff_ffff) << 32 | (self.random() & 0xffff_ffff);
-        let mut bytes = [0u8; 16];
-        bytes[..8].copy_from_slice(&high.to_be_bytes());
-        bytes[8..].copy_from_slice(&low.to_be_bytes());
-        bytes
+        u128::from(high) << 64 | u128::from(low)
     }
 }
 
-/// 16 bytes as 22 characters of unpadded URL-safe base64 (RFC 4648 section 5).
-fn base64_url(bytes: &[u8; 16]) -> [u8; 22] {
+/// A UUID's 16 bytes (big-endian) as 22 characters of unpadded URL-safe base64 (RFC 4648
+/// section 5).
+fn base64_url(uuid: u128) -> [u8; 22] {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let char_at = |n: u32, shift: u32| ALPHABET[(n >> shift & 63) as usize];
+    let (high, low) = ((uuid >> 64) as u64, uuid as u64);
     let mut out = [0u8; 22];
-    for group in 0..5 {
-        let (b, o) = (&bytes[3 * group..], &mut out[4 * group..]);
-        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
-        o[..4].copy_from_slice(&[char_at(n, 18), char_at(n, 12), char_at(n, 6), char_at(n, 0)]);
+    // Six bits a character straight from the two halves, not three bytes at a time: the
+    // 11th character takes four bits from `high` and two from `low`, the last two bits
+    // and four zero bits make the 22nd.
+    for (i, c) in out[..10].iter_mut().enumerate() {
+        *c = ALPHABET[(high >> (58 - 6 * i) & 63) as usize];
     }
-    let n = u32::from(bytes[15]) << 16;
-    out[20..].copy_from_slice(&[char_at(n, 18), char_at(n, 12)]);
+    out[10] = ALPHABET[((high & 15) << 2 | low >> 62) as usize];
+    for (i, c) in out[11..21].iter_mut().enumerate() {
+        *c = ALPHABET[(low >> (56 - 6 * i) & 63) as usize];
+    }
+    out[21] = ALPHABET[((low & 3) << 4) as usize];
     out
 }
 
@@ -177,9 +183,9 @@ mod tests {
     fn the_encoding_is_unpadded_url_safe_base64() {
         let mut state = V7State { ms: 0, counter: 0, rng: 7 };
         for _ in 0..10_000 {
-            let bytes: [u8; 16] = (u128::from(state.random()) << 64 | u128::from(state.random())).to_be_bytes();
-            let expected = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-            assert_eq!(std::str::from_utf8(&base64_url(&bytes)).unwrap(), expected);
+            let uuid = u128::from(state.random()) << 64 | u128::from(state.random());
+            let expected = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(uuid.to_be_bytes());
+            assert_eq!(std::str::from_utf8(&base64_url(uuid)).unwrap(), expected);
         }
     }
 
