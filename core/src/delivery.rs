@@ -422,10 +422,14 @@ impl Delivery {
 
     /// Builds a delivery settled through its consumer's shared acknowledger, as the
     /// delivery `tag`; for backend authors (see [`TaggedAcknowledger`]).
+    // Inlined into a backend's receive loop, the message is built in place: a
+    // `Message` is too big for the compiler to move without a `memcpy` call.
+    #[inline]
     pub fn tagged(message: Message, attempt: u32, acker: Arc<dyn TaggedAcknowledger>, tag: u64) -> Self {
         Self::with_acker(message, attempt, Acker::Tagged(acker, tag))
     }
 
+    #[inline]
     fn with_acker(message: Message, attempt: u32, acker: Acker) -> Self {
         let receipt =
             Receipt { id: message.id.clone(), attempt: attempt.max(1), acker, state: AtomicU8::new(UNSETTLED) };

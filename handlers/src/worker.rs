@@ -860,11 +860,12 @@ impl FetchLoop {
                 let attempt = delivery.attempt();
                 // The message moves into the handler; the receipt stays here to settle it.
                 let (message, receipt) = delivery.into_parts();
-                let incoming =
-                    Incoming { message, attempt, source: route.source.clone(), broker: Some(route.broker.clone()) };
+                let (source, broker) = (route.source.clone(), Some(route.broker.clone()));
                 // A panic in the call itself (an extractor, or a handler that panics before
                 // returning its future) fails the message as a panic in its future does.
-                let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(incoming))) {
+                // `Incoming` is built inside the call: one copy of the message fewer.
+                let call = || handler.call(Incoming { message, attempt, source, broker });
+                let fut = match std::panic::catch_unwind(AssertUnwindSafe(call)) {
                     Ok(fut) if span.is_disabled() => Either::Left(Either::Left(fut)),
                     // Traced, the handler runs in its span.
                     Ok(fut) => Either::Left(Either::Right(fut.instrument(span.clone()))),

@@ -138,6 +138,9 @@ impl Entry {
     }
 
     /// The message a delivery carries, with `payload` (taken out before).
+    // Inlined, the message is built where the delivery holds it, not built and then
+    // copied twice (`memcpy` calls: 58 instructions a message).
+    #[inline(always)]
     pub fn message(&self, payload: Bytes) -> Message {
         let extra = self.extra.as_deref();
         Message {
