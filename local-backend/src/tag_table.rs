@@ -46,6 +46,7 @@ impl<T> TagTable<T> {
     }
 
     /// Adds `value` under `tag`, which must not be in the table.
+    #[inline(always)]
     pub fn insert(&mut self, tag: u64, value: T) {
         if self.in_order.is_empty() {
             self.first = tag;
@@ -74,6 +75,7 @@ impl<T> TagTable<T> {
         }
     }
 
+    #[inline(always)]
     pub fn remove(&mut self, tag: u64) -> Option<T> {
         let Some(i) = self.index(tag) else {
             return if self.stragglers.is_empty() { None } else { self.stragglers.remove(&tag) };
