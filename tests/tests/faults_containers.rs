@@ -11,11 +11,13 @@
 //! - half-open connections: every connection open to the broker black-holed for the rest
 //!   of the run (`iptables` drops their packets both ways, with no reset), while new
 //!   connections go through.
-//! - a RabbitMQ server with heartbeats off, on which a dead connection would go
-//!   unnoticed: connecting warns, and says how to turn them on.
 //!
 //! Each asserts that every message whose send was confirmed is processed by the same
 //! worker, which recovers by itself, and prints how many were handled twice.
+//!
+//! One more test checks a warning, not a loss: on a RabbitMQ server with heartbeats off,
+//! where a dead connection would go unnoticed, connecting warns and says how to turn them
+//! on.
 
 use std::time::Duration;
 
