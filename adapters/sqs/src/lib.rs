@@ -542,8 +542,22 @@ impl Consumer for SqsConsumer {
             // spent getting here) counts as that second, rather than as a short poll and a sleep.
             let poll = (left + Duration::from_millis(50)).as_secs().min(self.shared.broker.inner.max_poll_secs) as i32;
             let per_call = max.div_ceil(calls).clamp(1, 10);
-            let received = futures::future::try_join_all((0..calls).map(|_| self.poll(per_call as i32, poll))).await?;
-            let messages: Vec<_> = received.into_iter().flatten().collect();
+            let polls = futures::future::join_all((0..calls).map(|_| self.poll(per_call as i32, poll))).await;
+            // What one call received is leased to us: should another call fail, those are
+            // still delivered, not left invisible until their lease runs out.
+            let (mut messages, mut failed) = (Vec::new(), None);
+            for poll in polls {
+                match poll {
+                    Ok(some) => messages.extend(some),
+                    Err(e) => failed = Some(e),
+                }
+            }
+            if let Some(e) = failed {
+                if messages.is_empty() {
+                    return Err(e);
+                }
+                tracing::warn!(queue = %self.queue, error = %e, "one of several parallel receives failed; delivering what the others got");
+            }
             let mut deliveries = Vec::with_capacity(messages.len());
             for m in &messages {
                 let received = mapping::message(m);
