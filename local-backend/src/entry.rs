@@ -71,11 +71,10 @@ impl Payload {
 /// begins with: its first eight characters are the UUIDv7's 48-bit time in base64url.
 /// Any other id of eight base64url characters or more reads as some number too, which is
 /// why [`Entry::from_message`] relies on this only after checking it against the time.
-fn id_millis(id: &MessageId) -> Option<u64> {
-    let chars: &[u8; 8] = id.as_str().as_bytes().get(..8)?.try_into().ok()?;
+fn id_millis(chars: [u8; 8]) -> Option<u64> {
     let mut ms = 0u64;
     let mut invalid = 0u8;
-    for &c in chars {
+    for c in chars {
         let sextet = SEXTETS[usize::from(c)];
         invalid |= sextet;
         ms = ms << 6 | u64::from(sextet);
@@ -98,18 +97,52 @@ const SEXTETS: [u8; 256] = {
     table
 };
 
-/// The time an id's first characters give, if they are base64url.
-fn id_time(id: &MessageId) -> Option<SystemTime> {
-    id_millis(id).map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+/// The time ids give, remembering the last id's first eight characters (as one word)
+/// and their time. Ids made in one millisecond share those characters, so in a batch
+/// most messages find their time with one comparison, where decoding it took about 110
+/// instructions, once at send and once at delivery.
+#[derive(Clone, Copy)]
+pub(crate) struct IdTimes {
+    prefix: u64,
+    time: SystemTime,
+}
+
+impl Default for IdTimes {
+    /// Eight bytes of 0xff, the prefix it starts with, are not UTF-8: no id has them.
+    fn default() -> Self {
+        IdTimes { prefix: u64::MAX, time: UNIX_EPOCH }
+    }
+}
+
+impl IdTimes {
+    /// The time an id's first characters give, if they are base64url.
+    #[inline(always)]
+    fn of(&mut self, id: &MessageId) -> Option<SystemTime> {
+        let chars: [u8; 8] = id.as_str().as_bytes().get(..8)?.try_into().ok()?;
+        if u64::from_ne_bytes(chars) == self.prefix {
+            return Some(self.time);
+        }
+        self.decode(chars)
+    }
+
+    /// A new prefix: decoded, and remembered.
+    #[cold]
+    #[inline(never)]
+    fn decode(&mut self, chars: [u8; 8]) -> Option<SystemTime> {
+        self.time = UNIX_EPOCH + Duration::from_millis(id_millis(chars)?);
+        self.prefix = u64::from_ne_bytes(chars);
+        Some(self.time)
+    }
 }
 
 impl Entry {
-    pub fn from_message(m: Message) -> Self {
+    /// The compact form of `m`; `times` remembers the last id's time for the next.
+    pub fn from_message(m: Message, times: &mut IdTimes) -> Self {
         let plain = m.headers.is_empty()
             && m.ordering_key.is_none()
             && m.content_type.is_none()
             && m.dedup_id.is_none()
-            && id_time(&m.id) == Some(m.timestamp);
+            && times.of(&m.id) == Some(m.timestamp);
         let Message { id, payload, headers, ordering_key, content_type, timestamp, dedup_id, delay: _ } = m;
         let extra = if plain {
             // An empty map holds no memory, so there is nothing to free; yet its drop
@@ -141,7 +174,7 @@ impl Entry {
     // Inlined, the message is built where the delivery holds it, not built and then
     // copied twice (`memcpy` calls: 58 instructions a message).
     #[inline(always)]
-    pub fn message(&self, payload: Bytes) -> Message {
+    pub fn message(&self, payload: Bytes, times: &mut IdTimes) -> Message {
         let extra = self.extra.as_deref();
         Message {
             id: self.id.clone(),
@@ -149,7 +182,7 @@ impl Entry {
             headers: extra.map(|e| e.headers.clone()).unwrap_or_default(),
             ordering_key: extra.and_then(|e| e.ordering_key.clone()),
             content_type: extra.and_then(|e| e.content_type.clone()),
-            timestamp: self.timestamp(),
+            timestamp: self.timestamp(times),
             dedup_id: extra.and_then(|e| e.dedup_id.clone()),
             delay: None,
         }
@@ -161,17 +194,18 @@ impl Entry {
     }
 
     /// When the message was made.
-    pub fn timestamp(&self) -> SystemTime {
+    #[inline]
+    pub fn timestamp(&self, times: &mut IdTimes) -> SystemTime {
         match self.extra.as_deref() {
             Some(extra) => extra.time,
             // `from_message` checked that the id gives the time back.
-            None => id_time(&self.id).unwrap_or(UNIX_EPOCH),
+            None => times.of(&self.id).unwrap_or(UNIX_EPOCH),
         }
     }
 
     fn extra_mut(&mut self) -> &mut Extra {
         if self.extra.is_none() {
-            self.extra = Some(Box::new(Extra::new(self.timestamp())));
+            self.extra = Some(Box::new(Extra::new(self.timestamp(&mut IdTimes::default()))));
         }
         self.extra.as_deref_mut().expect("just made")
     }
@@ -209,13 +243,13 @@ mod tests {
     /// What a delivery of `entry` carries, leaving the entry as it was.
     fn delivered(entry: &mut Entry) -> Message {
         let payload = entry.take_payload();
-        let message = entry.message(payload.clone());
+        let message = entry.message(payload.clone(), &mut IdTimes::default());
         entry.put_back(payload, entry.deliveries());
         message
     }
 
     fn round_trip(m: Message) -> Message {
-        delivered(&mut Entry::from_message(m))
+        delivered(&mut Entry::from_message(m, &mut IdTimes::default()))
     }
 
     /// Every field comes back as it went in, whatever the time (before 1970, finer than a
@@ -249,18 +283,42 @@ mod tests {
         }
     }
 
+    /// The remembered last prefix never gives one id the time of another, whatever
+    /// was read before it.
+    #[test]
+    fn an_ids_time_does_not_depend_on_the_ids_read_before() {
+        let ids: Vec<MessageId> =
+            ["AAAAAAAA", "AAAAAAAB", "AAAAAAA", "AAAAAAA.", "AAAAAAAAzz", "\u{1F600}\u{1F600}", ""]
+                .into_iter()
+                .map(MessageId::from)
+                .chain([MessageId::generate(), MessageId::generate()])
+                .collect();
+        let decoded = |id: &MessageId| {
+            let chars: [u8; 8] = id.as_str().as_bytes().get(..8)?.try_into().ok()?;
+            Some(UNIX_EPOCH + Duration::from_millis(id_millis(chars)?))
+        };
+        for before in &ids {
+            for id in &ids {
+                let mut times = IdTimes::default();
+                times.of(before);
+                assert_eq!(times.of(id), decoded(id), "{id:?} after {before:?}");
+                assert_eq!(times.of(id), decoded(id), "{id:?} twice");
+            }
+        }
+    }
+
     /// The case the compact form is for: `Message::new` with a payload of its own.
     #[test]
     fn a_plain_message_keeps_no_box_and_no_copy_of_its_payload() {
         let payload = vec![7u8; 100];
         let at = payload.as_ptr();
         let message = Message::new(payload);
-        let mut entry = Entry::from_message(message.clone());
+        let mut entry = Entry::from_message(message.clone(), &mut IdTimes::default());
         assert!(entry.extra.is_none(), "a plain message has no box");
         // `message` still holds the bytes, so the entry shares them...
         assert!(matches!(entry.payload, Payload::Shared(_)));
         drop(message);
-        let mut entry_alone = Entry::from_message(Message::new(vec![1u8; 100]));
+        let mut entry_alone = Entry::from_message(Message::new(vec![1u8; 100]), &mut IdTimes::default());
         assert!(matches!(entry_alone.payload, Payload::Owned(_)), "...and takes them over when nobody else does");
         let payload = entry.take_payload();
         assert_eq!(payload.as_ptr(), at, "never copied");
@@ -272,9 +330,9 @@ mod tests {
 
     #[test]
     fn a_message_back_from_a_delivery_keeps_its_count_and_payload() {
-        let mut entry = Entry::from_message(Message::new("p"));
+        let mut entry = Entry::from_message(Message::new("p"), &mut IdTimes::default());
         let payload = entry.take_payload();
-        let in_a_handler = entry.message(payload.clone());
+        let in_a_handler = entry.message(payload.clone(), &mut IdTimes::default());
         entry.put_back(payload, 2);
         assert_eq!(entry.deliveries(), 2);
         assert!(matches!(entry.payload, Payload::Shared(_)), "the handler still holds the bytes");
@@ -285,7 +343,7 @@ mod tests {
 
     #[test]
     fn copies_for_other_queues_share_the_payload() {
-        let mut entry = Entry::from_message(Message::new(vec![3u8; 10]));
+        let mut entry = Entry::from_message(Message::new(vec![3u8; 10]), &mut IdTimes::default());
         let mut copy = entry.share();
         let (a, b) = (delivered(&mut entry), delivered(&mut copy));
         assert_eq!(a, b);
@@ -295,7 +353,7 @@ mod tests {
     #[test]
     fn a_dead_letters_headers_go_into_the_box_of_a_plain_message() {
         let message = Message::new("p");
-        let mut entry = Entry::from_message(message.clone());
+        let mut entry = Entry::from_message(message.clone(), &mut IdTimes::default());
         assert!(entry.extra.is_none(), "a plain message has no box");
         entry.headers_mut().insert("why".into(), "because".into());
         let back = delivered(&mut entry);

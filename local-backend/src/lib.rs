@@ -48,7 +48,7 @@ use courier_core::{
 };
 use tokio::time::Instant;
 
-use entry::Entry;
+use entry::{Entry, IdTimes};
 use queue::{ConsumerPolicy, DeadEntry, Queue};
 
 /// What a send does when a destination with a capacity is full.
@@ -309,12 +309,13 @@ impl BrokerInner {
             record.keep();
         }
         if let Some((last, others)) = targets.split_last() {
+            let mut times = IdTimes::default();
             for q in others {
-                q.push(messages.iter().map(|m| (Entry::from_message(m.clone()), m.delay)));
+                q.push(messages.iter().map(|m| (Entry::from_message(m.clone(), &mut times), m.delay)));
             }
             last.push(messages.into_iter().map(|m| {
                 let delay = m.delay;
-                (Entry::from_message(m), delay)
+                (Entry::from_message(m, &mut times), delay)
             }));
         }
         Ok(ids)
@@ -486,7 +487,7 @@ impl Broker for LocalBroker {
         let queue = self.inner.existing_queue(source)?;
         queue.reserve(1).await?;
         let (id, delay) = (message.id.clone(), message.delay);
-        queue.push(std::iter::once((Entry::from_message(message), delay)));
+        queue.push(std::iter::once((Entry::from_message(message, &mut IdTimes::default()), delay)));
         Ok(id)
     }
 

@@ -11,7 +11,7 @@ use courier_core::{DeadLetter as Letter, Error, MessageId, Result, SettlePolicy,
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::entry::Entry;
+use crate::entry::{Entry, IdTimes};
 use crate::tag_table::TagTable;
 use crate::{BrokerInner, WhenFull};
 
@@ -167,6 +167,8 @@ struct State {
     dead_lettered: u64,
     /// The deadline the timer task sleeps until.
     armed: Option<Instant>,
+    /// The time of the last id delivered, for the next (see [`IdTimes`]).
+    id_times: IdTimes,
     closed: bool,
 }
 
@@ -334,7 +336,7 @@ impl Queue {
                         let payload = entry.take_payload();
                         let tag = st.next_tag;
                         st.next_tag += 1;
-                        taken.push(deliver(tag, deliveries, entry.message(payload.clone())));
+                        taken.push(deliver(tag, deliveries, entry.message(payload.clone(), &mut st.id_times)));
                         st.leases.add(lease_deadline, tag);
                         let policy = policy.clone();
                         st.in_flight
@@ -528,11 +530,12 @@ impl Queue {
     pub fn stats(&self) -> Stats {
         let st = self.lock();
         let now = SystemTime::now();
+        let mut times = IdTimes::default();
         let oldest = st
             .ready
             .iter()
             .chain(st.keys.values().flatten())
-            .map(Entry::timestamp)
+            .map(|entry| entry.timestamp(&mut times))
             .min()
             .map(|t| now.duration_since(t).unwrap_or_default());
         Stats {
