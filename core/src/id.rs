@@ -3,7 +3,7 @@
 //! A leaf module: errors name the message they are about, and messages carry an id,
 //! so the id lives apart from both.
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -34,24 +34,21 @@ impl MessageId {
     /// (before 1970, the id carries 0 and `now` is kept as it is). So a message reads the
     /// clock once for its id and its timestamp, and they agree.
     pub(crate) fn generate_at(now: SystemTime) -> (Self, SystemTime) {
-        match now.duration_since(UNIX_EPOCH) {
-            Ok(since) => {
-                // Not `as_millis`: its 128-bit division costs more than the rest of the id.
-                let ms = since.as_secs() * 1000 + u64::from(since.subsec_millis());
-                (Self::generate_at_millis(ms), UNIX_EPOCH + Duration::from_millis(ms))
+        let (uuid, time) = V7.with(|state| {
+            let mut s = state.borrow_mut();
+            if s.rng == 0 {
+                // The thread's first id (or, once in 2^64 ids, a state that came round
+                // to 0): seeded from the OS.
+                s.rng = rand::random::<u64>() | 1;
             }
-            Err(_) => (Self::generate_at_millis(0), now),
-        }
+            let (ms, time) = s.clock.millisecond_of(now);
+            (s.next(ms), time)
+        });
+        (Self::from_uuid(uuid), time)
     }
 
-    /// A new id whose time is `ms` milliseconds after the Unix epoch.
-    fn generate_at_millis(ms: u64) -> Self {
-        let uuid = V7.with(|state| {
-            let mut s = state.get();
-            let uuid = s.next(ms);
-            state.set(s);
-            uuid
-        });
+    /// The id of a UUID: its 22 characters of base64url.
+    fn from_uuid(uuid: u128) -> Self {
         // Checking that the text is UTF-8 goes sixteen bytes at a time from a word
         // boundary, then byte by byte: 22 characters padded to 32 check in two steps,
         // where 22 alone took one step and six single bytes (53 instructions, not 76).
@@ -81,10 +78,51 @@ struct V7State {
     ms: u64,
     counter: u64,
     rng: u64,
+    clock: LastMillisecond,
 }
 
 thread_local! {
-    static V7: Cell<V7State> = Cell::new(V7State { ms: 0, counter: 0, rng: rand::random() });
+    // Made at compile time and seeded on first use: a thread-local with a run-time
+    // initializer is checked on every access and was not inlined (about 60 instructions).
+    static V7: RefCell<V7State> =
+        const { RefCell::new(V7State { ms: 0, counter: 0, rng: 0, clock: LastMillisecond::EMPTY }) };
+}
+
+/// The last millisecond a time fell in, as a range of times and its count since the
+/// epoch. Most ids are made in the millisecond of the one before: two comparisons then
+/// give it, where subtracting the epoch, dividing and adding it back took about 70
+/// instructions.
+#[derive(Clone, Copy)]
+struct LastMillisecond {
+    start: SystemTime,
+    end: SystemTime,
+    ms: u64,
+}
+
+impl LastMillisecond {
+    /// An empty range: no time falls in it.
+    const EMPTY: Self = LastMillisecond { start: UNIX_EPOCH, end: UNIX_EPOCH, ms: 0 };
+
+    /// The milliseconds since the epoch of `now`, and `now` cut to its millisecond
+    /// (before 1970: 0, and `now` as it is).
+    #[inline]
+    fn millisecond_of(&mut self, now: SystemTime) -> (u64, SystemTime) {
+        if self.start <= now && now < self.end {
+            return (self.ms, self.start);
+        }
+        match now.duration_since(UNIX_EPOCH) {
+            Ok(since) => {
+                // Not `as_millis`: its 128-bit division costs more than the rest of the id.
+                let ms = since.as_secs() * 1000 + u64::from(since.subsec_millis());
+                let start = UNIX_EPOCH + Duration::from_millis(ms);
+                // At the far end of the clock there is no next millisecond: not kept.
+                let end = start.checked_add(Duration::from_millis(1)).unwrap_or(start);
+                *self = LastMillisecond { start, end, ms };
+                (ms, start)
+            }
+            Err(_) => (0, now),
+        }
+    }
 }
 
 const COUNTER_BITS: u32 = 42;
@@ -181,7 +219,7 @@ mod tests {
 
     #[test]
     fn the_encoding_is_unpadded_url_safe_base64() {
-        let mut state = V7State { ms: 0, counter: 0, rng: 7 };
+        let mut state = V7State { ms: 0, counter: 0, rng: 7, clock: LastMillisecond::EMPTY };
         for _ in 0..10_000 {
             let uuid = u128::from(state.random()) << 64 | u128::from(state.random());
             let expected = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(uuid.to_be_bytes());
@@ -197,6 +235,35 @@ mod tests {
         assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122);
         let (secs, nanos) = uuid.get_timestamp().expect("a v7 has a time").to_unix();
         assert_eq!((secs, nanos / 1_000_000), (1_764_590_400, 123));
+    }
+
+    /// The remembered millisecond gives every time the millisecond a fresh reading
+    /// would, at its edges, before 1970 and whatever came before.
+    #[test]
+    fn a_time_falls_in_its_own_millisecond_whatever_came_before() {
+        let base = UNIX_EPOCH + Duration::from_millis(1_764_590_400_123);
+        let times = [
+            base,
+            base + Duration::from_nanos(1),
+            base + Duration::from_nanos(999_999),
+            base + Duration::from_millis(1),
+            base - Duration::from_nanos(1),
+            UNIX_EPOCH,
+            UNIX_EPOCH + Duration::from_nanos(999_999),
+            UNIX_EPOCH - Duration::from_nanos(1),
+            UNIX_EPOCH - Duration::from_millis(5),
+        ];
+        let fresh = |t: SystemTime| LastMillisecond::EMPTY.millisecond_of(t);
+        for before in times {
+            for t in times {
+                let mut clock = LastMillisecond::EMPTY;
+                clock.millisecond_of(before);
+                assert_eq!(clock.millisecond_of(t), fresh(t), "{t:?} after {before:?}");
+            }
+        }
+        assert_eq!(fresh(base + Duration::from_nanos(999_999)), (1_764_590_400_123, base));
+        let before_1970 = UNIX_EPOCH - Duration::from_nanos(1);
+        assert_eq!(fresh(before_1970), (0, before_1970));
     }
 
     /// So a queue that keeps a new message's id can give its time back from it.
