@@ -253,7 +253,10 @@ mod tests {
             UNIX_EPOCH - Duration::from_nanos(1),
             UNIX_EPOCH - Duration::from_millis(5),
         ];
-        let fresh = |t: SystemTime| LastMillisecond::EMPTY.millisecond_of(t);
+        let fresh = |t: SystemTime| {
+            let mut clock = LastMillisecond::EMPTY;
+            clock.millisecond_of(t)
+        };
         for before in times {
             for t in times {
                 let mut clock = LastMillisecond::EMPTY;
