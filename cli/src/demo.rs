@@ -4,16 +4,19 @@
 //! A producer sends orders to `…orders`; `validate_order` rejects an invalid order
 //! (straight to the dead-letter queue) and forwards the rest to `…payments`;
 //! `charge_payment` fails for one order every time, so it retries with backoff and
-//! then dead-letters. A third route watches both dead-letter queues.
+//! then dead-letters. A third route watches both dead-letter queues. A repeat delivery
+//! (queues such as SQS and Kafka deliver at least once) charges nothing twice: charges
+//! are kept by order.
 //!
 //! It uses only the public API of the `courier` library, as an application would.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use courier::{
-    headers, App, Context, Destination, DynBroker, Error, Json, Message, Result, RetryPolicy, RouteOptions, RunReport,
-    Source,
+    headers, App, Context, Destination, DynBroker, Error, Json, Message, MessageId, Result, RetryPolicy, RouteOptions,
+    RunReport, Source,
 };
 use tokio::sync::Notify;
 
@@ -81,10 +84,14 @@ pub struct DeadLetterLine {
     pub attempts: String,
 }
 
+/// What has been settled. A queue may deliver a message more than once (SQS and Kafka
+/// deliver at least once), so both are kept by key, not counted: a payment by its
+/// order, as a payment provider's idempotency key would, and a dead letter by its id.
 #[derive(Default)]
 struct Progress {
-    charged: Mutex<u64>,
+    charged: Mutex<HashSet<u64>>,
     dead: Mutex<Vec<DeadLetterLine>>,
+    dead_ids: Mutex<HashSet<MessageId>>,
     changed: Notify,
     quiet: bool,
 }
@@ -96,7 +103,7 @@ impl Progress {
         }
     }
     fn settled(&self) -> u64 {
-        *self.charged.lock().unwrap() + self.dead.lock().unwrap().len() as u64
+        self.charged.lock().unwrap().len() as u64 + self.dead.lock().unwrap().len() as u64
     }
 }
 
@@ -142,7 +149,11 @@ pub async fn run(broker: DynBroker, options: DemoOptions) -> Result<DemoSummary>
                     ));
                     return Err(Error::retryable("card issuer timed out"));
                 }
-                *progress.charged.lock().unwrap() += 1;
+                if !progress.charged.lock().unwrap().insert(payment.order_id) {
+                    progress
+                        .say(format!("order {:>2}: already charged; a repeat delivery is ignored", payment.order_id));
+                    return Ok(());
+                }
                 progress.changed.notify_one();
                 Ok(())
             }
@@ -153,6 +164,9 @@ pub async fn run(broker: DynBroker, options: DemoOptions) -> Result<DemoSummary>
         move |message: Message| {
             let progress = progress.clone();
             async move {
+                if !progress.dead_ids.lock().unwrap().insert(message.id.clone()) {
+                    return; // a repeat delivery of a dead letter already shown
+                }
                 let line = DeadLetterLine {
                     origin: message.header(headers::DEAD_LETTER_ORIGIN).unwrap_or("?").to_owned(),
                     reason: message.header(headers::DEAD_LETTER_REASON).unwrap_or("?").to_owned(),
@@ -202,7 +216,7 @@ pub async fn run(broker: DynBroker, options: DemoOptions) -> Result<DemoSummary>
         }
     };
     let report = app.run_until(done).await?;
-    let charged = *progress.charged.lock().unwrap();
+    let charged = progress.charged.lock().unwrap().len() as u64;
     let dead_letters = progress.dead.lock().unwrap().clone();
     Ok(DemoSummary { orders: orders_total, charged, dead_letters, report, elapsed: started.elapsed() })
 }
@@ -228,19 +242,74 @@ impl std::fmt::Display for DemoSummary {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use courier::{
+        Broker, Capabilities, Consumer, ConsumerOptions, Destination, DynBroker, Message, MessageId, Result, Source,
+    };
+
+    /// A broker that sends every message twice, as an at-least-once queue (SQS, Kafka,
+    /// moto under parallel receives) may deliver it.
+    #[derive(Debug)]
+    struct EverythingTwice(DynBroker);
+
+    #[async_trait]
+    impl Broker for EverythingTwice {
+        fn capabilities(&self) -> &Capabilities {
+            self.0.capabilities()
+        }
+        async fn send(&self, destination: &Destination, message: Message) -> Result<MessageId> {
+            self.0.send(destination, message.clone()).await?;
+            self.0.send(destination, message).await
+        }
+        async fn send_batch(&self, destination: &Destination, messages: Vec<Message>) -> Result<Vec<MessageId>> {
+            self.0.send_batch(destination, messages.clone()).await?;
+            self.0.send_batch(destination, messages).await
+        }
+        async fn consumer(&self, source: &Source, options: ConsumerOptions) -> Result<Box<dyn Consumer>> {
+            self.0.consumer(source, options).await
+        }
+        async fn declare(&self, source: &Source) -> Result<()> {
+            self.0.declare(source).await
+        }
+        async fn close(&self) -> Result<()> {
+            self.0.close().await
+        }
+    }
+
+    async fn summary_on(broker: DynBroker) -> super::DemoSummary {
+        let run = super::run(broker, super::DemoOptions { orders: 12, quiet: true });
+        tokio::time::timeout(Duration::from_secs(60), run).await.expect("the demo ends").unwrap()
+    }
+
+    /// The dead letters' attempts and reasons, sorted.
+    fn dead_letters(summary: &super::DemoSummary) -> Vec<(String, String)> {
+        let mut reasons: Vec<_> = summary.dead_letters.iter().map(|d| (d.attempts.clone(), d.reason.clone())).collect();
+        reasons.sort();
+        reasons
+    }
+
+    const THE_TWO_BAD_ORDERS: [(&str, &str); 2] =
+        [("1", "order 9 has a non-positive total"), ("3", "gave up after 3 attempts: card issuer timed out")];
+
+    /// Every order and payment arrives twice: still ten orders charged, and the two bad
+    /// ones dead-lettered once each, the flaky one after all its attempts.
+    #[tokio::test]
+    async fn repeat_deliveries_charge_nothing_twice() {
+        let broker: DynBroker = Arc::new(EverythingTwice(courier::connect("memory://").await.unwrap()));
+        let summary = summary_on(broker).await;
+        assert_eq!(summary.charged, 10);
+        assert_eq!(dead_letters(&summary), THE_TWO_BAD_ORDERS.map(|(a, r)| (a.to_owned(), r.to_owned())));
+        assert!(summary.report.acked > 20, "the repeats were delivered: {:?}", summary.report);
+    }
+
     #[tokio::test]
     async fn the_demo_charges_good_orders_and_dead_letters_the_two_bad_ones() {
         let broker = courier::connect("memory://").await.unwrap();
-        let summary = super::run(broker, super::DemoOptions { orders: 12, quiet: true }).await.unwrap();
+        let summary = summary_on(broker).await;
         assert_eq!(summary.charged, 10);
-        let mut reasons: Vec<_> = summary.dead_letters.iter().map(|d| (d.attempts.clone(), d.reason.clone())).collect();
-        reasons.sort();
-        assert_eq!(
-            reasons,
-            [
-                ("1".to_owned(), "order 9 has a non-positive total".to_owned()),
-                ("3".to_owned(), "gave up after 3 attempts: card issuer timed out".to_owned())
-            ]
-        );
+        assert_eq!(dead_letters(&summary), THE_TWO_BAD_ORDERS.map(|(a, r)| (a.to_owned(), r.to_owned())));
     }
 }
