@@ -374,10 +374,18 @@ impl Inner {
             Ok(_) => return Ok(()),
             Err((e, _)) => e,
         };
-        let Some((code, reason)) = producer.client().fatal_error() else {
-            return Err(kafka_error(&format!("send to topic {topic}"), error));
+        // A fenced idempotent producer can fail a record before librdkafka has raised
+        // its fatal error (seen after 30 s of broker silence: `ProducerFenced` with no
+        // fatal error yet), so the record's own code counts too.
+        let fenced = matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
+        );
+        let why = match producer.client().fatal_error() {
+            Some((code, reason)) => format!("{code:?}: {reason}"),
+            None if fenced => error.to_string(),
+            None => return Err(kafka_error(&format!("send to topic {topic}"), error)),
         };
-        let why = format!("{code:?}: {reason}");
         self.replace_failed_producer(&producer, &why)?;
         self.producer().send(record(), CALL_TIMEOUT).await.map(|_| ()).map_err(|(e, _)| {
             kafka_error(
