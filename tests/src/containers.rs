@@ -262,13 +262,17 @@ impl BrokerContainer {
 
     /// Freezes every process of the broker (`docker pause`): connections stay open and
     /// nothing answers on them, as behind a network cut or a half-open connection.
+    ///
+    /// The kernel's cgroup freezer can give up while a process is mid-call ("OCI runtime
+    /// pause failed: unable to freeze", seen once in CI); runc then thaws the container, so
+    /// the freeze is tried again, a few times, before the test is failed.
     pub async fn pause(&self) {
-        self.container.pause().await.expect("pause the broker's container");
+        retry_docker("pause", || self.container.pause()).await;
     }
 
     /// Lets the broker run again after [`pause`](Self::pause).
     pub async fn unpause(&self) {
-        self.container.unpause().await.expect("unpause the broker's container");
+        retry_docker("unpause", || self.container.unpause()).await;
     }
 
     /// Black-holes every TCP connection open now from this machine to the broker's port,
@@ -337,6 +341,30 @@ impl Drop for BlackHole {
             }
         }
     }
+}
+
+/// Runs a `docker` action on a container, trying it up to five times a second apart: the
+/// engine can fail one for a passing reason (the cgroup freezer's timeout). Panics with every
+/// attempt's error when all fail.
+async fn retry_docker<F, Fut, E>(action: &str, mut call: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Debug,
+{
+    const ATTEMPTS: usize = 5;
+    let mut errors = Vec::new();
+    for attempt in 1..=ATTEMPTS {
+        match call().await {
+            Ok(()) => return,
+            Err(error) => {
+                eprintln!("docker {action}, attempt {attempt} of {ATTEMPTS}, failed: {error:?}");
+                errors.push(format!("{error:?}"));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    panic!("could not {action} the broker's container in {ATTEMPTS} attempts: {}", errors.join("; "));
 }
 
 /// Runs `iptables -w ACTION RULE...`: whether it succeeded.
@@ -477,4 +505,33 @@ fn reap_when_this_process_ends(id: &str) {
 /// The broker of `kind` shared by every test of this process: started once, on first use.
 pub async fn shared(kind: Kind) -> String {
     BrokerContainer::start(kind).await.keep_for_this_process()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retry_docker;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn a_docker_action_that_fails_for_a_moment_is_tried_again() {
+        let calls = AtomicUsize::new(0);
+        retry_docker("pause", || {
+            let call = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                if call < 3 {
+                    Err("unable to freeze")
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await;
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "could not pause the broker's container in 5 attempts: \"unable to freeze\"")]
+    async fn a_docker_action_that_keeps_failing_fails_the_test_with_its_errors() {
+        retry_docker("pause", || async { Err::<(), _>("unable to freeze") }).await;
+    }
 }
