@@ -374,17 +374,8 @@ impl Inner {
             Ok(_) => return Ok(()),
             Err((e, _)) => e,
         };
-        // A fenced idempotent producer can fail a record before librdkafka has raised
-        // its fatal error (seen after 30 s of broker silence: `ProducerFenced` with no
-        // fatal error yet), so the record's own code counts too.
-        let fenced = matches!(
-            error.rdkafka_error_code(),
-            Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
-        );
-        let why = match producer.client().fatal_error() {
-            Some((code, reason)) => format!("{code:?}: {reason}"),
-            None if fenced => error.to_string(),
-            None => return Err(kafka_error(&format!("send to topic {topic}"), error)),
+        let Some(why) = producer_must_be_replaced(&error, producer.client().fatal_error()) else {
+            return Err(kafka_error(&format!("send to topic {topic}"), error));
         };
         self.replace_failed_producer(&producer, &why)?;
         self.producer().send(record(), CALL_TIMEOUT).await.map(|_| ()).map_err(|(e, _)| {
@@ -513,6 +504,25 @@ impl Broker for KafkaBroker {
     }
 }
 
+/// Why a producer must give way to a new one after `error` failed a record, given the
+/// producer's fatal error if librdkafka has raised one; `None` when the producer is fine
+/// and the error is the record's alone.
+///
+/// A fenced idempotent producer can fail a record before librdkafka has raised its fatal
+/// error (seen after 30 s of broker silence: `ProducerFenced` with no fatal error yet),
+/// so the record's own code counts too.
+fn producer_must_be_replaced(error: &KafkaError, fatal: Option<(RDKafkaErrorCode, String)>) -> Option<String> {
+    let fenced = matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
+    );
+    match fatal {
+        Some((code, reason)) => Some(format!("{code:?}: {reason}")),
+        None if fenced => Some(error.to_string()),
+        None => None,
+    }
+}
+
 /// The integration tests' helpers, shared with the unit tests below.
 #[cfg(test)]
 #[path = "../tests/support/mod.rs"]
@@ -575,5 +585,22 @@ mod tests {
         // Values of other settings are still shown: they help.
         let err = KafkaBroker::connect("kafka://127.0.0.1:9092?security.protocol=bogus").await.unwrap_err();
         assert!(err.to_string().contains("bogus") && err.to_string().contains("security.protocol"), "{err}");
+    }
+
+    #[test]
+    fn a_fenced_record_replaces_the_producer_even_before_librdkafka_calls_it_fatal() {
+        for code in [RDKafkaErrorCode::ProducerFenced, RDKafkaErrorCode::InvalidProducerEpoch] {
+            let why = producer_must_be_replaced(&KafkaError::MessageProduction(code), None);
+            assert!(why.is_some_and(|why| why.contains(&code.to_string())), "{code:?} keeps the producer");
+        }
+    }
+
+    #[test]
+    fn a_record_error_of_its_own_keeps_the_producer_unless_it_failed_fatally() {
+        let timed_out = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+        assert_eq!(producer_must_be_replaced(&timed_out, None), None);
+        let fatal = Some((RDKafkaErrorCode::OutOfOrderSequenceNumber, "sequence gap".to_owned()));
+        let why = producer_must_be_replaced(&timed_out, fatal).expect("a fatal error replaces the producer");
+        assert!(why.contains("OutOfOrderSequenceNumber") && why.contains("sequence gap"), "{why}");
     }
 }
