@@ -90,8 +90,7 @@ pub struct DeadLetterLine {
 #[derive(Default)]
 struct Progress {
     charged: Mutex<HashSet<u64>>,
-    dead: Mutex<Vec<DeadLetterLine>>,
-    dead_ids: Mutex<HashSet<MessageId>>,
+    dead: Mutex<DeadLetters>,
     changed: Notify,
     quiet: bool,
 }
@@ -103,8 +102,15 @@ impl Progress {
         }
     }
     fn settled(&self) -> u64 {
-        self.charged.lock().unwrap().len() as u64 + self.dead.lock().unwrap().len() as u64
+        self.charged.lock().unwrap().len() as u64 + self.dead.lock().unwrap().lines.len() as u64
     }
+}
+
+/// The dead letters shown, in the order they came, and the ids that keep a repeat out.
+#[derive(Default)]
+struct DeadLetters {
+    ids: HashSet<MessageId>,
+    lines: Vec<DeadLetterLine>,
 }
 
 /// Runs the pipeline on `broker` until every order is charged or dead-lettered.
@@ -164,7 +170,8 @@ pub async fn run(broker: DynBroker, options: DemoOptions) -> Result<DemoSummary>
         move |message: Message| {
             let progress = progress.clone();
             async move {
-                if !progress.dead_ids.lock().unwrap().insert(message.id.clone()) {
+                let mut dead = progress.dead.lock().unwrap();
+                if !dead.ids.insert(message.id.clone()) {
                     return; // a repeat delivery of a dead letter already shown
                 }
                 let line = DeadLetterLine {
@@ -173,7 +180,8 @@ pub async fn run(broker: DynBroker, options: DemoOptions) -> Result<DemoSummary>
                     attempts: message.header(headers::DEAD_LETTER_ATTEMPTS).unwrap_or("?").to_owned(),
                 };
                 progress.say(format!("dead letter from {}: {}", line.origin, line.reason));
-                progress.dead.lock().unwrap().push(line);
+                dead.lines.push(line);
+                drop(dead);
                 progress.changed.notify_one();
             }
         }
@@ -217,7 +225,7 @@ pub async fn run(broker: DynBroker, options: DemoOptions) -> Result<DemoSummary>
     };
     let report = app.run_until(done).await?;
     let charged = progress.charged.lock().unwrap().len() as u64;
-    let dead_letters = progress.dead.lock().unwrap().clone();
+    let dead_letters = progress.dead.lock().unwrap().lines.clone();
     Ok(DemoSummary { orders: orders_total, charged, dead_letters, report, elapsed: started.elapsed() })
 }
 
