@@ -565,6 +565,46 @@ impl Receipt {
         }
     }
 
+    /// Acks without awaiting where the backend settles in memory (the in-process
+    /// backend): `Some` with what [`ack`](Self::ack) would return. `None` where the ack
+    /// needs I/O; the receipt is then left as it was, to be settled with `ack`.
+    ///
+    /// A runtime's per-message path calls this first: on an in-process queue an
+    /// awaited `ack` costs more in its future than the ack itself.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use courier_core::{Broker, ConsumerOptions, Message, Source};
+    ///
+    /// # async fn example(broker: &dyn Broker) -> Result<(), courier_core::Error> {
+    /// let source = Source::queue("orders")?;
+    /// let consumer = broker.consumer(&source, ConsumerOptions::default()).await?;
+    /// for delivery in consumer.receive(10, Duration::from_secs(1)).await? {
+    ///     let (message, receipt) = delivery.into_parts();
+    ///     // ... handle the message ...
+    ///     # drop(message);
+    ///     match receipt.ack_now() {
+    ///         Some(result) => result?,
+    ///         None => receipt.ack().await?,
+    ///     }
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn ack_now(&self) -> Option<Result<()>> {
+        if let Err(e) = self.claim() {
+            return Some(Err(e));
+        }
+        match self.acker.ack_now(&self.id) {
+            Some(result) => Some(self.conclude(result)),
+            None => {
+                // Nothing was sent: give the claim back.
+                self.state.store(UNSETTLED, Ordering::Release);
+                None
+            }
+        }
+    }
+
     /// Acks every receipt of `receipts`, each settled once as [`ack`](Self::ack) would: a
     /// run of receipts that share a [`TaggedAcknowledger`] goes to the backend in one
     /// call where it can ([`TaggedAcknowledger::ack_all_now`]), the rest one by one.
@@ -889,6 +929,34 @@ mod tests {
         assert!(d.is_settled());
         assert!(matches!(d.ack().await, Err(Error::AlreadySettled { .. })));
         assert_eq!(recorded.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn an_ack_now_settles_once_and_hands_a_failure_back() {
+        let recorded = Arc::new(Recorded::default());
+        let acker =
+            Flaky { fail_first: true, hang: false, at_once: true, policy: policy(5), recorded: recorded.clone() };
+        let (_, receipt) = Delivery::new(Message::new("x"), 1, Box::new(acker)).into_parts();
+        assert!(receipt.ack_now().unwrap().unwrap_err().is_retryable());
+        assert!(!receipt.is_settled(), "a failed ack hands the receipt back");
+        receipt.ack_now().unwrap().unwrap();
+        assert!(receipt.is_settled());
+        assert!(matches!(receipt.ack_now(), Some(Err(Error::AlreadySettled { .. }))));
+        assert_eq!(recorded.calls.load(Ordering::SeqCst), 2);
+    }
+
+    /// A backend whose ack needs I/O: `ack_now` sends nothing and leaves the receipt
+    /// free to settle, by `ack` or any other way.
+    #[tokio::test]
+    async fn an_ack_now_that_needs_io_leaves_the_receipt_unsettled() {
+        let (d, recorded) = delivery(false);
+        let (_, receipt) = d.into_parts();
+        assert!(receipt.ack_now().is_none());
+        assert!(!receipt.is_settled());
+        assert_eq!(recorded.calls.load(Ordering::SeqCst), 0, "nothing was sent");
+        receipt.ack().await.unwrap();
+        assert!(receipt.is_settled());
+        assert!(matches!(receipt.ack_now(), Some(Err(Error::AlreadySettled { .. }))));
     }
 
     #[tokio::test]
