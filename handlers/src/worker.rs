@@ -865,11 +865,11 @@ impl FetchLoop {
                 // returning its future) fails the message as a panic in its future does.
                 // `Incoming` is built inside the call: one copy of the message fewer.
                 let call = || handler.call(Incoming { message, attempt, source, broker });
-                let fut = match std::panic::catch_unwind(AssertUnwindSafe(call)) {
-                    Ok(fut) if span.is_disabled() => Either::Left(Either::Left(fut)),
+                let fut = match (std::panic::catch_unwind(AssertUnwindSafe(call)), &span) {
+                    (Ok(fut), None) => Either::Left(Either::Left(fut)),
                     // Traced, the handler runs in its span.
-                    Ok(fut) => Either::Left(Either::Right(fut.instrument(span.clone()))),
-                    Err(panic) => Either::Right(std::future::ready(outcome_or_panic(Err(panic)))),
+                    (Ok(fut), Some(span)) => Either::Left(Either::Right(fut.instrument(span.clone()))),
+                    (Err(panic), _) => Either::Right(std::future::ready(outcome_or_panic(Err(panic)))),
                 };
                 let mut fut = std::pin::pin!(AssertUnwindSafe(fut).catch_unwind());
                 // Most handlers finish on the first poll: no timers, no boxing for them.
@@ -878,19 +878,24 @@ impl FetchLoop {
                     Poll::Pending => {
                         let fut = fut.map(outcome_or_panic);
                         let supervised = supervise(route, &self.hard_stop, fut, &receipt, batch.as_slice());
-                        Box::pin(supervised.instrument(span.clone())).await
+                        Box::pin(supervised.instrument(span.clone().unwrap_or_else(Span::none))).await
                     }
                 };
                 route.metrics.in_flight.decrement(1.0);
                 if outcome == Some(Outcome::Ack) {
                     // Acked right here too: moving the receipt into `conclude`'s
-                    // state costs more than the ack itself on a fast backend.
-                    count_ack(route, &span);
-                    if let Err(e) = receipt.ack().await {
-                        ack_failed(route, &receipt, e, span).await;
+                    // state costs more than the ack itself on a fast backend, and so
+                    // does awaiting an ack that an in-process queue settles at once.
+                    count_ack(route, span.as_ref());
+                    let acked = match receipt.ack_now() {
+                        Some(result) => result,
+                        None => receipt.ack().await,
+                    };
+                    if let Err(e) = acked {
+                        ack_failed(route, &receipt, e, span.unwrap_or_else(Span::none)).await;
                     }
                 } else {
-                    conclude(route, receipt, outcome, span).await;
+                    conclude(route, receipt, outcome, span.unwrap_or_else(Span::none)).await;
                 }
                 if let Some(since) = mark {
                     let now = Instant::now();
@@ -959,15 +964,16 @@ impl FetchLoop {
     }
 }
 
-/// The span of one message's handling; `Span::none()` when no subscriber wants it.
+/// The span of one message's handling; `None` when no subscriber wants it (making and
+/// dropping a disabled span costs as much as a no-op handler's call).
 ///
 /// The level is asked first, because a disabled `info_span!` is not free: with
 /// tracing's `log` feature (sqlx turns it on) and no subscriber, it formats its fields
 /// for the `log` crate, which cost a third of the worker's instructions per message.
 /// When some subscriber takes INFO, `info_span!` applies its filters (targets, names).
-fn message_span(route: &RouteRuntime, delivery: &Delivery) -> Span {
+fn message_span(route: &RouteRuntime, delivery: &Delivery) -> Option<Span> {
     if tracing::Level::INFO > tracing::level_filters::LevelFilter::current() {
-        return Span::none();
+        return None;
     }
     let span = tracing::info_span!(
         "courier.handle",
@@ -977,16 +983,16 @@ fn message_span(route: &RouteRuntime, delivery: &Delivery) -> Span {
         trace_id = field::Empty,
         outcome = field::Empty,
     );
-    if !span.is_disabled() {
-        #[cfg(feature = "otel")]
-        crate::otel::adopt_parent(&span, delivery);
-        if let Some(trace) =
-            delivery.header(courier_core::headers::TRACEPARENT).and_then(|t| t.parse::<TraceParent>().ok())
-        {
-            span.record("trace_id", field::display(format_args!("{:032x}", trace.trace_id)));
-        }
+    if span.is_disabled() {
+        return None;
     }
-    span
+    #[cfg(feature = "otel")]
+    crate::otel::adopt_parent(&span, delivery);
+    if let Some(trace) = delivery.header(courier_core::headers::TRACEPARENT).and_then(|t| t.parse::<TraceParent>().ok())
+    {
+        span.record("trace_id", field::display(format_args!("{:032x}", trace.trace_id)));
+    }
+    Some(span)
 }
 
 /// Settles a handled message from its outcome (`None`: shutdown interrupted it).
@@ -997,7 +1003,7 @@ async fn conclude(route: &RouteRuntime, receipt: Receipt, outcome: Option<Outcom
         return;
     };
     if outcome == Outcome::Ack {
-        count_ack(route, &span);
+        count_ack(route, Some(&span));
         if let Err(e) = receipt.ack().await {
             ack_failed(route, &receipt, e, span).await;
         }
@@ -1008,8 +1014,10 @@ async fn conclude(route: &RouteRuntime, receipt: Receipt, outcome: Option<Outcom
 }
 
 /// Counts a message its handler succeeded with, before its ack.
-fn count_ack(route: &RouteRuntime, span: &Span) {
-    record_outcome(span, Outcome::Ack.kind());
+fn count_ack(route: &RouteRuntime, span: Option<&Span>) {
+    if let Some(span) = span {
+        record_outcome(span, Outcome::Ack.kind());
+    }
     route.counters.acked.fetch_add(1, Ordering::Relaxed);
     route.metrics.succeeded.increment(1);
 }
