@@ -360,7 +360,9 @@ where
             Err(error) => {
                 eprintln!("docker {action}, attempt {attempt} of {ATTEMPTS}, failed: {error:?}");
                 errors.push(format!("{error:?}"));
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                if attempt < ATTEMPTS {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
         }
     }
@@ -512,7 +514,7 @@ mod tests {
     use super::retry_docker;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_docker_action_that_fails_for_a_moment_is_tried_again() {
         let calls = AtomicUsize::new(0);
         retry_docker("pause", || {
@@ -529,9 +531,19 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     #[should_panic(expected = "could not pause the broker's container in 5 attempts: \"unable to freeze\"")]
     async fn a_docker_action_that_keeps_failing_fails_the_test_with_its_errors() {
         retry_docker("pause", || async { Err::<(), _>("unable to freeze") }).await;
+    }
+
+    /// Four pauses between five attempts, and none after the last: a test that fails
+    /// anyway fails at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_docker_action_is_given_up_without_waiting_after_the_last_attempt() {
+        let started = tokio::time::Instant::now();
+        let outcome = tokio::spawn(retry_docker("pause", || async { Err::<(), _>("unable to freeze") })).await;
+        assert!(outcome.is_err_and(|e| e.is_panic()), "all five attempts failed, so it panics");
+        assert_eq!(started.elapsed(), std::time::Duration::from_secs(4));
     }
 }
