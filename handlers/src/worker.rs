@@ -846,6 +846,7 @@ impl FetchLoop {
     async fn run_each(mut self, mut handler: impl CallHandler) {
         let mut failures = 0;
         let mut fetched = Vec::new();
+        let mut acks = AckTally { counters: self.route.counters.clone(), here: 0 };
         while self.next_batch(&mut failures, &mut fetched).await {
             // Messages of a loop are handled one after another, so one clock reading
             // after each settlement ends one message's processing time and starts the next.
@@ -895,13 +896,22 @@ impl FetchLoop {
                     // Acked right here too: moving the receipt into `conclude`'s
                     // state costs more than the ack itself on a fast backend, and so
                     // does awaiting an ack that an in-process queue settles at once.
-                    count_ack(route, span.as_ref());
+                    if let Some(span) = &span {
+                        record_outcome(span, Outcome::Ack.kind());
+                    }
+                    route.metrics.succeeded.increment(1);
                     let acked = match receipt.ack_now() {
                         Some(result) => result,
                         None => receipt.ack().await,
                     };
-                    if let Err(e) = acked {
-                        ack_failed(route, &receipt, e, span.unwrap_or_else(Span::none)).await;
+                    match acked {
+                        Ok(()) => acks.here += 1,
+                        Err(e) => {
+                            // Counted now, as `ack_failed` expects; it takes it back
+                            // if the ack fails for good.
+                            route.counters.acked.fetch_add(1, Ordering::Relaxed);
+                            ack_failed(route, &receipt, e, span.unwrap_or_else(Span::none)).await;
+                        }
                     }
                 } else {
                     conclude(route, receipt, outcome, span.unwrap_or_else(Span::none)).await;
@@ -912,6 +922,7 @@ impl FetchLoop {
                     mark = Some(now);
                 }
             }
+            acks.flush();
         }
     }
 
@@ -1020,6 +1031,28 @@ async fn conclude(route: &RouteRuntime, receipt: Receipt, outcome: Option<Outcom
     }
     record_outcome(&span, outcome.kind());
     Box::pin(settle(route, receipt, outcome).instrument(span)).await;
+}
+
+/// The acks of one fetch loop's messages, added to the route's count once a batch (and
+/// when the loop ends, however it ends): an atomic add a message cost about 2% of a
+/// no-op handler's throughput on the in-process backend.
+struct AckTally {
+    counters: Arc<Counters>,
+    here: u64,
+}
+
+impl AckTally {
+    fn flush(&mut self) {
+        if self.here > 0 {
+            self.counters.acked.fetch_add(std::mem::take(&mut self.here), Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for AckTally {
+    fn drop(&mut self) {
+        self.flush();
+    }
 }
 
 /// Counts a message its handler succeeded with, before its ack.
