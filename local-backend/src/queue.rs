@@ -600,7 +600,17 @@ impl State {
     }
 
     /// Adds a fresh message, behind its key's current message if the key is busy.
+    // Inlined for a message without a key, which only joins the line.
+    #[inline(always)]
     fn enqueue(&mut self, entry: Entry) {
+        if entry.ordering_key().is_none() {
+            self.ready.push_back(entry);
+        } else {
+            self.enqueue_keyed(entry);
+        }
+    }
+
+    fn enqueue_keyed(&mut self, entry: Entry) {
         match entry.ordering_key() {
             None => self.ready.push_back(entry),
             Some(key) => match self.keys.get_mut(key) {
