@@ -37,6 +37,8 @@
 //! `cargo bench -p courier --bench peers` (`BENCH_MESSAGES`, default 200,000).
 //! Prints a Markdown table. ruststream needs Rust 1.95. For a profiler, `BENCH_ONLY=courier`
 //! runs Courier's side alone and `BENCH_SCENARIO=A1` (or `A4`, `B1`, `B8`) one scenario.
+//! `BENCH_TIMED=drain` times only A's drain, so that what competing consumers cost is not
+//! hidden behind the single producer's send.
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -98,6 +100,21 @@ impl Tally {
     }
 }
 
+/// Whether `BENCH_TIMED=drain` asks for A's drain alone to be timed.
+fn drain_only() -> bool {
+    std::env::var("BENCH_TIMED").is_ok_and(|timed| timed == "drain")
+}
+
+/// When A's timing starts: `started` (before the send), or now (after it) for
+/// `BENCH_TIMED=drain`.
+fn drain_clock(started: Instant) -> Instant {
+    if drain_only() {
+        Instant::now()
+    } else {
+        started
+    }
+}
+
 fn rate(n: usize, took: Duration) -> f64 {
     n as f64 / took.as_secs_f64()
 }
@@ -142,6 +159,7 @@ mod courier_side {
         broker.declare(&source).await.unwrap();
         let started = Instant::now();
         send(&broker, &source.destination(), n).await;
+        let started = super::drain_clock(started);
         let mut drains = Vec::new();
         for _ in 0..consumers {
             let consumer = broker.consumer(&source, ConsumerOptions::default()).await.unwrap();
@@ -205,6 +223,7 @@ mod omni {
         for _ in 0..n {
             producer.send_raw(&PAYLOAD).await.unwrap();
         }
+        let started = super::drain_clock(started);
         // One consumer per in-memory queue (a second half is refused), so the drains share it.
         let shared = Arc::new(Mutex::new((consumer, 0)));
         let drains = (0..consumers)
@@ -280,6 +299,7 @@ mod rs {
         let subscription = broker.subscribe(QUEUE);
         let started = Instant::now();
         publish(&broker, n).await;
+        let started = super::drain_clock(started);
         let size = NonZeroUsize::new(BATCH).unwrap();
         let shared = Arc::new(Mutex::new((subscription, 0)));
         let drains = (0..consumers)
@@ -375,6 +395,7 @@ mod chan {
     pub async fn queue(n: usize, consumers: usize) -> f64 {
         let started = Instant::now();
         let rx = filled(n);
+        let started = super::drain_clock(started);
         let drains = (0..consumers).map(|_| drain(&rx, drop)).collect();
         super::drained(drains, n, started).await
     }
@@ -465,6 +486,12 @@ fn main() {
         eprintln!("BENCH_SCENARIO={s:?} names no scenario; use A1, A4, B1 or B8 (or leave it unset for all)");
         std::process::exit(2);
     }
+    if let Some(timed) = std::env::var("BENCH_TIMED").ok().filter(|t| t != "drain") {
+        eprintln!(
+            "BENCH_TIMED={timed:?} is not known; use BENCH_TIMED=drain (or leave it unset to time send and drain)"
+        );
+        std::process::exit(2);
+    }
     let wanted = |name: &str| scenario.as_deref().is_none_or(|s| s == name);
     let sides = [Side::Courier, Side::Omniqueue, Side::Ruststream, Side::Mpsc];
     for consumers in [1, 4].into_iter().filter(|c| wanted(&format!("A{c}"))) {
@@ -474,7 +501,8 @@ fn main() {
             Side::Ruststream => threads.block_on(rs::queue(n, consumers)),
             Side::Mpsc => threads.block_on(chan::queue(n, consumers)),
         });
-        report(&format!("A: send + drain, {consumers} consumer(s)"), &sides, &rates);
+        let timed = if drain_only() { "drain only" } else { "send + drain" };
+        report(&format!("A: {timed}, {consumers} consumer(s)"), &sides, &rates);
     }
 
     let sides = [Side::Courier, Side::Ruststream, Side::Mpsc];
