@@ -906,12 +906,7 @@ impl FetchLoop {
                     };
                     match acked {
                         Ok(()) => acks.here += 1,
-                        Err(e) => {
-                            // Counted now, as `ack_failed` expects; it takes it back
-                            // if the ack fails for good.
-                            route.counters.acked.fetch_add(1, Ordering::Relaxed);
-                            ack_failed(route, &receipt, e, span.unwrap_or_else(Span::none)).await;
-                        }
+                        Err(e) => ack_failed(route, &receipt, e, span.unwrap_or_else(Span::none)).await,
                     }
                 } else {
                     conclude(route, receipt, outcome, span.unwrap_or_else(Span::none)).await;
@@ -1015,20 +1010,14 @@ fn message_span(route: &RouteRuntime, delivery: &Delivery) -> Option<Span> {
     Some(span)
 }
 
-/// Settles a handled message from its outcome (`None`: shutdown interrupted it).
+/// Settles a handled message from an outcome other than an ack, which the fetch loop
+/// settles itself (`None`: shutdown interrupted it).
 async fn conclude(route: &RouteRuntime, receipt: Receipt, outcome: Option<Outcome>, span: Span) {
     let Some(outcome) = outcome else {
         record_outcome(&span, "interrupted");
         route.counters.interrupted.fetch_add(1, Ordering::Relaxed);
         return;
     };
-    if outcome == Outcome::Ack {
-        count_ack(route, &span);
-        if let Err(e) = receipt.ack().await {
-            ack_failed(route, &receipt, e, span).await;
-        }
-        return;
-    }
     record_outcome(&span, outcome.kind());
     Box::pin(settle(route, receipt, outcome).instrument(span)).await;
 }
@@ -1055,13 +1044,6 @@ impl Drop for AckTally {
     }
 }
 
-/// Counts a message its handler succeeded with, before its ack.
-fn count_ack(route: &RouteRuntime, span: &Span) {
-    record_outcome(span, Outcome::Ack.kind());
-    route.counters.acked.fetch_add(1, Ordering::Relaxed);
-    route.metrics.succeeded.increment(1);
-}
-
 /// Records how a message's handling ended on its span, if it has one (`record` on a
 /// disabled span still goes through the `log` bridge's checks).
 fn record_outcome(span: &Span, outcome: &str) {
@@ -1070,7 +1052,8 @@ fn record_outcome(span: &Span, outcome: &str) {
     }
 }
 
-/// After a failed ack: tries again while the failure is retryable, then reports it.
+/// After a failed ack: tries again while the failure is retryable, then counts the
+/// message as acked or reports the failure.
 async fn ack_failed(route: &RouteRuntime, receipt: &Receipt, error: Error, span: Span) {
     let outcome = Outcome::Ack;
     let result = if error.is_retryable() {
@@ -1079,11 +1062,10 @@ async fn ack_failed(route: &RouteRuntime, receipt: &Receipt, error: Error, span:
     } else {
         Err(error)
     };
-    if result.is_err() {
-        // Counted as acked before the ack went out (the fast path); it did not.
-        route.counters.acked.fetch_sub(1, Ordering::Relaxed);
-        route.counters.settlements_failed.fetch_add(1, Ordering::Relaxed);
-    }
+    match result {
+        Ok(()) => route.counters.acked.fetch_add(1, Ordering::Relaxed),
+        Err(_) => route.counters.settlements_failed.fetch_add(1, Ordering::Relaxed),
+    };
     span.in_scope(|| report_settle_failure(result, &outcome));
 }
 

@@ -752,11 +752,12 @@ async fn a_settlement_that_keeps_failing_does_not_hold_up_shutdown_past_its_grac
         .route_with(source.clone(), handler, RouteOptions::default().concurrency(1))
         .shutdown_grace(Duration::from_secs(3));
     let started = Instant::now();
-    tokio::time::timeout(Duration::from_secs(600), app.run_until(when(calls, 1, changed)))
+    let report = tokio::time::timeout(Duration::from_secs(600), app.run_until(when(calls, 1, changed)))
         .await
         .expect("shutdown ends when its grace is over")
         .unwrap();
     assert!(started.elapsed() < Duration::from_secs(10), "stopped after the grace: {:?}", started.elapsed());
+    assert_eq!((report.acked, report.settlements_failed), (0, 1), "counted as failed, not as acked: {report:?}");
     // Never acked: the message is handed back for another delivery, not lost.
     let stats = local.stats(&source).await.unwrap();
     assert_eq!((stats.depth, stats.in_flight), (1, 0));
