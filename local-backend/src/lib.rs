@@ -32,11 +32,11 @@
 #![warn(missing_docs)]
 
 mod entry;
+mod lane;
 mod queue;
 mod tag_table;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -49,7 +49,8 @@ use courier_core::{
 use tokio::time::Instant;
 
 use entry::{Entry, IdTimes};
-use queue::{ConsumerPolicy, DeadEntry, Queue};
+use lane::Lane;
+use queue::{DeadEntry, Queue};
 
 /// What a send does when a destination with a capacity is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -142,7 +143,6 @@ pub(crate) struct BrokerInner {
     topics: RwLock<HashMap<Name, Subscriptions>>,
     dedup: Mutex<DedupWindows>,
     open: OpenGuard,
-    next_consumer: AtomicU64,
     me: std::sync::Weak<BrokerInner>,
 }
 
@@ -174,7 +174,6 @@ impl LocalBroker {
             topics: RwLock::default(),
             dedup: Mutex::default(),
             open: OpenGuard::new("broker"),
-            next_consumer: AtomicU64::new(1),
             me: me.clone(),
         });
         LocalBroker { inner }
@@ -463,13 +462,9 @@ impl Broker for LocalBroker {
         self.inner.open.check()?;
         let queue = self.inner.source_queue(source);
         let settle = options.settle_policy(source);
-        let policy = Arc::new(ConsumerPolicy {
-            id: self.inner.next_consumer.fetch_add(1, Ordering::Relaxed),
-            lease: options.lease,
-            settle: settle.clone(),
-        });
-        let handle = Arc::new(ConsumerHandle { queue, settle });
-        Ok(Box::new(LocalConsumer { handle, source: source.clone(), policy, open: OpenGuard::new("consumer") }))
+        let lane = queue.open_lane(options.lease, settle.clone());
+        let handle = Arc::new(ConsumerHandle { queue, lane, settle });
+        Ok(Box::new(LocalConsumer { handle, source: source.clone(), open: OpenGuard::new("consumer") }))
     }
 
     async fn declare(&self, source: &Source) -> Result<()> {
@@ -519,13 +514,14 @@ impl Broker for LocalBroker {
 /// producers take, and per-delivery count updates there slow both sides down.
 struct ConsumerHandle {
     queue: Arc<Queue>,
+    /// The consumer's own part of the queue: its deliveries and their leases.
+    lane: Arc<Lane>,
     settle: Arc<SettlePolicy>,
 }
 
 struct LocalConsumer {
     handle: Arc<ConsumerHandle>,
     source: Source,
-    policy: Arc<ConsumerPolicy>,
     open: OpenGuard,
 }
 
@@ -542,17 +538,14 @@ impl Consumer for LocalConsumer {
     }
 
     async fn receive_into(&self, max: usize, wait: Duration, into: &mut Vec<Delivery>) -> Result<usize> {
-        self.handle
-            .queue
-            .take(max, wait, &self.policy, &self.open, into, |tag, attempt, message| {
-                Delivery::tagged(message, attempt, self.handle.clone(), tag)
-            })
-            .await
+        let handle = &self.handle;
+        let deliver = |tag, attempt, message| Delivery::tagged(message, attempt, handle.clone(), tag);
+        handle.queue.take(&handle.lane, max, wait, &self.open, into, deliver).await
     }
 
     async fn close(&self) -> Result<()> {
         if self.open.close() {
-            self.handle.queue.release_consumer(self.policy.id);
+            self.handle.queue.release_lane(&self.handle.lane);
         }
         Ok(())
     }
@@ -567,39 +560,60 @@ impl TaggedAcknowledger for ConsumerHandle {
     }
 
     async fn ack(&self, tag: u64, id: &MessageId) -> Result<()> {
-        self.queue.ack(tag, id)
+        self.queue.ack(&self.lane, tag, id)
     }
 
     fn ack_now(&self, tag: u64, id: &MessageId) -> Option<Result<()>> {
-        Some(self.queue.ack(tag, id))
+        Some(self.queue.ack(&self.lane, tag, id))
     }
 
     fn ack_all_now(&self, deliveries: &[(u64, &MessageId)]) -> Option<Vec<Result<()>>> {
-        Some(self.queue.ack_all(deliveries))
+        Some(self.queue.ack_all(&self.lane, deliveries))
     }
 
     async fn redeliver(&self, tag: u64, id: &MessageId, delay: Option<Duration>) -> Result<()> {
-        self.queue.redeliver(tag, id, delay)
+        self.queue.redeliver(&self.lane, tag, id, delay)
     }
 
     async fn dead_letter(&self, tag: u64, id: &MessageId, letter: &DeadLetter) -> Result<()> {
-        self.queue.dead_letter_now(tag, id, letter)
+        self.queue.dead_letter_now(&self.lane, tag, id, letter)
     }
 
     async fn extend_lease(&self, tag: u64, id: &MessageId, by: Duration) -> Result<()> {
-        self.queue.extend(tag, id, by)
+        self.queue.extend(&self.lane, tag, id, by)
     }
 
     fn release(&self, tag: u64, id: &MessageId) {
         // Back to the queue now rather than after its lease; a delivery already settled
         // or expired is not in flight, and there is nothing to do.
-        let _ = self.queue.redeliver(tag, id, None);
+        let _ = self.queue.redeliver(&self.lane, tag, id, None);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Consumers dropped without closing leave no lane behind once they hold nothing,
+    /// and one that still holds a delivery keeps its lane for the timer until then.
+    #[tokio::test]
+    async fn lanes_of_consumers_dropped_unclosed_do_not_pile_up() {
+        let broker = LocalBroker::new();
+        let source = Source::queue("q").unwrap();
+        broker.send(&source.destination(), Message::new("held")).await.unwrap();
+        let holder = broker.consumer(&source, ConsumerOptions::default()).await.unwrap();
+        let held = holder.receive_one(Duration::from_secs(1)).await.unwrap().expect("delivered");
+        drop(holder);
+        for _ in 0..100 {
+            drop(broker.consumer(&source, ConsumerOptions::default()).await.unwrap());
+        }
+        let queue = broker.inner.existing_queue(&source).unwrap();
+        assert_eq!(queue.lane_count(), 2, "the holder's lane and the last one opened");
+        held.ack().await.unwrap();
+        drop(held);
+        drop(broker.consumer(&source, ConsumerOptions::default()).await.unwrap());
+        assert_eq!(queue.lane_count(), 1, "only the last one opened");
+    }
 
     /// Dedup ids leave with their window for every destination, not only for those sent
     /// to again: a stream of one-off destinations does not grow the map for ever.

@@ -1,18 +1,20 @@
-//! One queue (or one subscription of a topic): ready messages, per-key FIFO, leases,
-//! delays, capacity, and the timer task that drives leases and delays.
+//! One queue (or one subscription of a topic): ready messages, per-key FIFO, delays,
+//! capacity, its consumers' lanes (see [`crate::lane`]), and the timer task that drives
+//! leases and delays.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use courier_core::{DeadLetter as Letter, Error, MessageId, Result, SettlePolicy, Source, Stats};
+use courier_core::backend::OpenGuard;
+use courier_core::{DeadLetter as Letter, Error, Message, MessageId, Result, Source, Stats};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::entry::{Entry, IdTimes};
-use crate::tag_table::TagTable;
+use crate::lane::{InFlight, Lane, LaneState};
 use crate::{BrokerInner, WhenFull};
 
 /// How far ahead an unbounded delay, lease or wait is put: later than any real deadline.
@@ -23,35 +25,6 @@ const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// lose a message already taken out of its place.
 fn later(now: Instant, by: Duration) -> Instant {
     now.checked_add(by.min(FAR_FUTURE)).unwrap_or(now)
-}
-
-/// Settings a consumer's deliveries carry, so leases that expire in the timer task
-/// know how to treat them.
-pub(crate) struct ConsumerPolicy {
-    pub id: u64,
-    pub lease: Duration,
-    /// Core's policy: the attempt limit and the dead-letter destination.
-    pub settle: Arc<SettlePolicy>,
-}
-
-struct InFlight {
-    /// The message, its payload taken out into `payload`.
-    entry: Entry,
-    /// The payload, shared with the delivery.
-    payload: Bytes,
-    /// Deliveries so far, this one included.
-    deliveries: u32,
-    deadline: Instant,
-    policy: Arc<ConsumerPolicy>,
-}
-
-impl InFlight {
-    /// The entry whole again, to go back in a line or on to a dead-letter destination.
-    fn into_entry(self) -> Entry {
-        let mut entry = self.entry;
-        entry.put_back(self.payload, self.deliveries);
-        entry
-    }
 }
 
 struct Delayed {
@@ -85,70 +58,6 @@ pub(crate) struct DeadEntry {
     pub letter: Letter,
 }
 
-type InFlightMap = TagTable<InFlight>;
-
-/// Lease deadlines in expiry order, cheap on the per-message path.
-///
-/// Deliveries of one consumer get deadlines in time order, so most go on a deque; the
-/// rest (extensions, consumers with different leases) go in an ordered set. A settled
-/// delivery at the front of the deque leaves it at once (the common case: settled in the
-/// order taken); one settled out of order stays as a stale entry, which the timer skips,
-/// until the deque is compacted, when stale entries outnumber live ones. So a settlement
-/// costs no lookup, and the deque's size stays proportional to what is in flight.
-///
-/// It is kept apart from the in-flight table, though both follow tag order mostly: tag
-/// order is deadline order only while every consumer has one lease and none extends it,
-/// and the table moves long-held deliveries (the earliest deadlines) to an unordered
-/// map, which the timer would then have to search.
-#[derive(Default)]
-struct Leases {
-    in_order: VecDeque<(Instant, u64)>,
-    out_of_order: BTreeSet<(Instant, u64)>,
-}
-
-impl Leases {
-    fn add(&mut self, deadline: Instant, tag: u64) {
-        if self.in_order.back().is_none_or(|&(last, _)| last <= deadline) {
-            self.in_order.push_back((deadline, tag));
-        } else {
-            self.out_of_order.insert((deadline, tag));
-        }
-    }
-
-    /// Forgets the lease `(deadline, tag)`, whose delivery was settled, extended or
-    /// handed back (and is no longer in `in_flight` with that deadline).
-    fn settled(&mut self, deadline: Instant, tag: u64, in_flight: &InFlightMap) {
-        if !self.out_of_order.is_empty() && self.out_of_order.remove(&(deadline, tag)) {
-            return;
-        }
-        if self.in_order.front() == Some(&(deadline, tag)) {
-            self.in_order.pop_front();
-        } else if self.in_order.len() > 1024 && self.in_order.len() > 2 * in_flight.len() {
-            self.in_order.retain(|&(d, t)| in_flight.get(t).is_some_and(|f| f.deadline == d));
-        }
-    }
-
-    fn first(&self) -> Option<(Instant, u64)> {
-        match (self.in_order.front(), self.out_of_order.first()) {
-            (Some(a), Some(b)) => Some(*a.min(b)),
-            (a, b) => a.or(b).copied(),
-        }
-    }
-
-    fn pop_first(&mut self) {
-        let from_set = match (self.in_order.front(), self.out_of_order.first()) {
-            (Some(a), Some(b)) => b < a,
-            (None, Some(_)) => true,
-            _ => false,
-        };
-        if from_set {
-            self.out_of_order.pop_first();
-        } else {
-            self.in_order.pop_front();
-        }
-    }
-}
-
 #[derive(Default)]
 struct State {
     /// Messages any consumer may take now.
@@ -157,24 +66,26 @@ struct State {
     /// key waiting behind it. A key absent here is free.
     keys: HashMap<String, VecDeque<Entry>>,
     waiting_behind_keys: usize,
-    in_flight: InFlightMap,
-    leases: Leases,
     delayed: BinaryHeap<Reverse<Delayed>>,
-    /// Every message held: ready, waiting, in flight and delayed.
+    /// Whether the queue has a capacity, and so counts what it holds in `held`. An
+    /// unbounded queue does not, so that an ack of a message without a key need not
+    /// take this lock at all.
+    bounded: bool,
+    /// Every message held (ready, waiting, in flight and delayed), when `bounded`.
     held: usize,
-    next_tag: u64,
     next_seq: u64,
     dead_lettered: u64,
     /// The deadline the timer task sleeps until.
     armed: Option<Instant>,
-    /// The time of the last id delivered, for the next (see [`IdTimes`]).
-    id_times: IdTimes,
     closed: bool,
 }
 
 pub(crate) struct Queue {
     pub source: Source,
     state: Mutex<State>,
+    /// Every open consumer's lane, and those of consumers dropped unclosed while they
+    /// still hold deliveries, for the timer to expire their leases.
+    lanes: Mutex<Vec<Arc<Lane>>>,
     readable: Notify,
     writable: Notify,
     timer: Arc<Notify>,
@@ -189,7 +100,8 @@ impl Queue {
         let timer = Arc::new(Notify::new());
         let queue = Arc::new(Queue {
             source,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State { bounded: capacity.is_some(), ..State::default() }),
+            lanes: Mutex::default(),
             readable: Notify::new(),
             writable: Notify::new(),
             timer: timer.clone(),
@@ -207,6 +119,34 @@ impl Queue {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn lanes(&self) -> MutexGuard<'_, Vec<Arc<Lane>>> {
+        self.lanes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A lane for a new consumer. Lanes of consumers dropped without closing, that
+    /// hold no delivery any more, leave the list here.
+    pub fn open_lane(&self, lease: Duration, settle: Arc<courier_core::SettlePolicy>) -> Arc<Lane> {
+        let lane = Arc::new(Lane::new(lease, settle));
+        let mut lanes = self.lanes();
+        lanes.retain(|l| Arc::strong_count(l) > 1 || l.lock().in_flight.len() > 0);
+        lanes.push(lane.clone());
+        lane
+    }
+
+    #[cfg(test)]
+    pub fn lane_count(&self) -> usize {
+        self.lanes().len()
+    }
+
+    /// Runs `f` with every lane and the shared state locked (in the one order), for a
+    /// view or a change of the whole queue.
+    fn with_all<R>(&self, f: impl FnOnce(&mut [MutexGuard<'_, LaneState>], &mut State) -> R) -> R {
+        let lanes = self.lanes().clone();
+        let mut guards: Vec<_> = lanes.iter().map(|l| l.lock()).collect();
+        let mut st = self.lock();
+        f(&mut guards, &mut st)
+    }
+
     fn full_error(&self) -> Error {
         Error::Full { destination: self.source.to_string(), capacity: self.capacity.unwrap_or(0) }
     }
@@ -214,7 +154,7 @@ impl Queue {
     /// Reserves room for `n` messages, waiting or failing when full as configured.
     pub async fn reserve(&self, n: usize) -> Result<()> {
         let Some(capacity) = self.capacity else {
-            self.lock().held += n;
+            // Nothing to count: an unbounded queue always has room.
             return Ok(());
         };
         if n > capacity {
@@ -247,8 +187,10 @@ impl Queue {
 
     /// Gives back room reserved but not used.
     pub fn unreserve(&self, n: usize) {
-        self.lock().held -= n;
-        self.writable.notify_one();
+        if self.capacity.is_some() {
+            self.lock().held -= n;
+            self.writable.notify_one();
+        }
     }
 
     /// Adds messages for which room was reserved, each with an optional delay.
@@ -284,7 +226,9 @@ impl Queue {
     /// Adds a dead letter: it never waits for room, so nothing is lost on its way.
     pub fn push_dead_letter(&self, entry: Entry) {
         let mut st = self.lock();
-        st.held += 1;
+        if st.bounded {
+            st.held += 1;
+        }
         st.enqueue(entry);
         drop(st);
         self.readable.notify_one();
@@ -298,18 +242,18 @@ impl Queue {
         }
     }
 
-    /// Takes up to `max` ready messages for a consumer, waiting up to `wait`, onto the
-    /// end of `taken`; returns how many. `deliver` makes each one's delivery from its
-    /// tag, attempt and message, in place (a message is large, and moving it from one
+    /// Takes up to `max` ready messages into `lane`, waiting up to `wait`, onto the end
+    /// of `taken`; returns how many. `deliver` makes each one's delivery from its tag,
+    /// attempt and message, in place (a message is large, and moving it from one
     /// vector into another cost a copy each).
     pub async fn take<T>(
-        self: &Arc<Self>,
+        &self,
+        lane: &Lane,
         max: usize,
         wait: Duration,
-        policy: &Arc<ConsumerPolicy>,
-        consumer: &courier_core::backend::OpenGuard,
+        consumer: &OpenGuard,
         taken: &mut Vec<T>,
-        mut deliver: impl FnMut(u64, u32, courier_core::Message) -> T,
+        mut deliver: impl FnMut(u64, u32, Message) -> T,
     ) -> Result<usize> {
         let started = Instant::now();
         let deadline = later(started, wait);
@@ -321,26 +265,27 @@ impl Queue {
             notified.as_mut().enable();
             {
                 consumer.check()?;
+                let mut ls = lane.lock();
+                if ls.closed {
+                    return Err(Error::Closed { what: "consumer" });
+                }
                 let mut st = self.lock();
                 if st.closed {
                     return Err(Error::Closed { what: "broker" });
                 }
                 if !st.ready.is_empty() {
                     let now = if first_try { started } else { Instant::now() };
-                    let lease_deadline = later(now, policy.lease);
+                    let lease_deadline = later(now, lane.lease);
                     let n = max.min(st.ready.len());
-                    taken.reserve_exact(n);
-                    for _ in 0..n {
-                        let mut entry = st.ready.pop_front().expect("checked length");
-                        let deliveries = entry.deliveries() + 1;
-                        let payload = entry.take_payload();
-                        let tag = st.next_tag;
-                        st.next_tag += 1;
-                        taken.push(deliver(tag, deliveries, entry.message(payload.clone(), &mut st.id_times)));
-                        st.leases.add(lease_deadline, tag);
-                        let policy = policy.clone();
-                        st.in_flight
-                            .insert(tag, InFlight { entry, payload, deliveries, deadline: lease_deadline, policy });
+                    let first = ls.next_tag;
+                    let tags = first..first + n as u64;
+                    ls.next_tag = tags.end;
+                    // Under the shared lock, only move the entries into this lane.
+                    for tag in tags.clone() {
+                        let entry = st.ready.pop_front().expect("checked length");
+                        ls.leases.add(lease_deadline, tag);
+                        let flight = InFlight { entry, payload: Bytes::new(), deliveries: 0, deadline: lease_deadline };
+                        ls.in_flight.insert(tag, flight);
                     }
                     self.arm(&mut st, lease_deadline);
                     let more = !st.ready.is_empty();
@@ -348,6 +293,16 @@ impl Queue {
                     if more {
                         // Pass the baton: another waiting consumer can take the rest.
                         self.readable.notify_one();
+                    }
+                    // The deliveries are made under the lane's lock alone.
+                    let LaneState { in_flight, id_times, .. } = &mut *ls;
+                    taken.reserve_exact(n);
+                    for tag in tags {
+                        let flight = in_flight.get_mut(tag).expect("just taken");
+                        flight.deliveries = flight.entry.deliveries() + 1;
+                        flight.payload = flight.entry.take_payload();
+                        let message = flight.entry.message(flight.payload.clone(), id_times);
+                        taken.push(deliver(tag, flight.deliveries, message));
                     }
                     return Ok(n);
                 }
@@ -364,43 +319,57 @@ impl Queue {
         Error::LeaseLost { id: id.clone() }
     }
 
+    /// Whether a message leaving for good changes the shared state: it frees room in a
+    /// bounded queue, or lets its key's next message go.
+    #[inline(always)]
+    fn finish_is_shared(&self, entry: &Entry) -> bool {
+        self.capacity.is_some() || entry.ordering_key().is_some()
+    }
+
     /// Removes an in-flight delivery for good.
-    pub fn ack(&self, tag: u64, id: &MessageId) -> Result<()> {
-        let mut st = self.lock();
-        let (flight, woke) = st.acked(tag).ok_or_else(|| Self::settle_lost(id))?;
-        drop(st);
-        drop(flight); // outside the lock
+    pub fn ack(&self, lane: &Lane, tag: u64, id: &MessageId) -> Result<()> {
+        let mut ls = lane.lock();
+        let flight = ls.take_in_flight(tag).ok_or_else(|| Self::settle_lost(id))?;
+        let woke = self.finish_is_shared(&flight.entry) && self.lock().finish(&flight.entry);
+        drop(ls);
+        drop(flight); // outside the locks
         self.after_finish(woke);
         Ok(())
     }
 
     /// Removes in-flight deliveries for good under one lock; each one's result, in order.
-    pub fn ack_all(&self, deliveries: &[(u64, &MessageId)]) -> Vec<Result<()>> {
+    pub fn ack_all(&self, lane: &Lane, deliveries: &[(u64, &MessageId)]) -> Vec<Result<()>> {
         let mut results = Vec::with_capacity(deliveries.len());
         let mut done = Vec::with_capacity(deliveries.len());
-        let mut st = self.lock();
+        let mut ls = lane.lock();
+        // The shared lock, taken only if one of them needs it.
+        let mut shared = None;
         let mut woke = false;
         for &(tag, id) in deliveries {
-            match st.acked(tag) {
-                Some((flight, released_key)) => {
-                    woke |= released_key;
+            match ls.take_in_flight(tag) {
+                Some(flight) => {
+                    if self.finish_is_shared(&flight.entry) {
+                        woke |= shared.get_or_insert_with(|| self.lock()).finish(&flight.entry);
+                    }
                     done.push(flight);
                     results.push(Ok(()));
                 }
                 None => results.push(Err(Self::settle_lost(id))),
             }
         }
-        drop(st);
-        drop(done); // outside the lock
+        drop(shared);
+        drop(ls);
+        drop(done); // outside the locks
         self.after_finish(woke);
         results
     }
 
     /// Hands an in-flight delivery back for another attempt, after `delay` when given.
-    pub fn redeliver(&self, tag: u64, id: &MessageId, delay: Option<Duration>) -> Result<()> {
-        let mut st = self.lock();
-        let flight = st.take_in_flight(tag).ok_or_else(|| Self::settle_lost(id))?;
+    pub fn redeliver(&self, lane: &Lane, tag: u64, id: &MessageId, delay: Option<Duration>) -> Result<()> {
+        let mut ls = lane.lock();
+        let flight = ls.take_in_flight(tag).ok_or_else(|| Self::settle_lost(id))?;
         let flight_entry = flight.into_entry();
+        let mut st = self.lock();
         match delay.filter(|d| !d.is_zero()) {
             Some(delay) => {
                 let due = later(Instant::now(), delay);
@@ -419,39 +388,44 @@ impl Queue {
     }
 
     /// Dead-letters an in-flight delivery now.
-    pub fn dead_letter_now(&self, tag: u64, id: &MessageId, letter: &Letter) -> Result<()> {
-        let mut st = self.lock();
-        let flight = st.take_in_flight(tag).ok_or_else(|| Self::settle_lost(id))?;
-        let dead = st.remove_for_dead_letter(flight.into_entry(), letter.clone());
-        drop(st);
+    pub fn dead_letter_now(&self, lane: &Lane, tag: u64, id: &MessageId, letter: &Letter) -> Result<()> {
+        let mut ls = lane.lock();
+        let flight = ls.take_in_flight(tag).ok_or_else(|| Self::settle_lost(id))?;
+        let dead = self.lock().remove_for_dead_letter(flight.into_entry(), letter.clone());
+        drop(ls);
         self.dead_letter(dead)
     }
 
     /// Moves an in-flight delivery's lease deadline to `by` from now.
-    pub fn extend(&self, tag: u64, id: &MessageId, by: Duration) -> Result<()> {
-        let mut st = self.lock();
+    pub fn extend(&self, lane: &Lane, tag: u64, id: &MessageId, by: Duration) -> Result<()> {
+        let mut ls = lane.lock();
         let deadline = later(Instant::now(), by);
-        let flight = st.in_flight.get_mut(tag).ok_or_else(|| Self::settle_lost(id))?;
+        let flight = ls.in_flight.get_mut(tag).ok_or_else(|| Self::settle_lost(id))?;
         let old = std::mem::replace(&mut flight.deadline, deadline);
-        st.forget_lease(old, tag);
-        st.leases.add(deadline, tag);
-        self.arm(&mut st, deadline);
+        let LaneState { leases, in_flight, .. } = &mut *ls;
+        leases.settled(old, tag, in_flight);
+        leases.add(deadline, tag);
+        self.arm(&mut self.lock(), deadline);
         Ok(())
     }
 
-    /// Hands a closing consumer's unsettled deliveries to the others.
-    pub fn release_consumer(&self, consumer: u64) {
-        let mut st = self.lock();
-        let mut tags: Vec<u64> =
-            st.in_flight.iter().filter(|(_, f)| f.policy.id == consumer).map(|(tag, _)| tag).collect();
+    /// Hands a closing consumer's unsettled deliveries to the others, and forgets its lane.
+    pub fn release_lane(&self, lane: &Arc<Lane>) {
+        let mut ls = lane.lock();
+        ls.closed = true;
+        let mut flights: Vec<(u64, InFlight)> = std::mem::take(&mut ls.in_flight).into_entries().collect();
+        ls.leases.clear();
         // Oldest first back at the front of the line.
-        tags.sort_unstable();
-        for tag in tags.iter().rev() {
-            let flight = st.take_in_flight(*tag).expect("listed above");
+        flights.sort_unstable_by_key(|(tag, _)| *tag);
+        let released = !flights.is_empty();
+        let mut st = self.lock();
+        for (_, flight) in flights.into_iter().rev() {
             st.ready.push_front(flight.into_entry());
         }
         drop(st);
-        if !tags.is_empty() {
+        drop(ls);
+        self.lanes().retain(|l| !Arc::ptr_eq(l, lane));
+        if released {
             self.readable.notify_one();
         }
     }
@@ -461,8 +435,13 @@ impl Queue {
     fn process_due(&self, now: Instant) -> Option<Instant> {
         let mut dead = Vec::new();
         let mut woke = false;
-        let next = {
+        let lanes = self.lanes().clone();
+        let mut next = {
             let mut st = self.lock();
+            // Disarmed while the lanes are read: a take meanwhile arms its lease anew,
+            // which wakes this task again, rather than being lost behind an older
+            // deadline that the end of this pass overwrites.
+            st.armed = None;
             while st.delayed.peek().is_some_and(|Reverse(d)| d.due <= now) {
                 let Reverse(d) = st.delayed.pop().expect("peeked");
                 if d.retry {
@@ -472,35 +451,47 @@ impl Queue {
                 }
                 woke = true;
             }
-            while let Some((deadline, tag)) = st.leases.first() {
-                if deadline > now {
-                    break;
+            st.delayed.peek().map(|Reverse(d)| d.due)
+        };
+        for lane in &lanes {
+            let mut ls = lane.lock();
+            if ls.leases.first().is_some_and(|(deadline, _)| deadline <= now) {
+                let mut st = self.lock();
+                while let Some((deadline, tag)) = ls.leases.first() {
+                    if deadline > now {
+                        break;
+                    }
+                    ls.leases.pop_first();
+                    // Skip leases that were settled or extended since.
+                    if ls.in_flight.get(tag).is_none_or(|f| f.deadline != deadline) {
+                        continue;
+                    }
+                    let flight = ls.in_flight.remove(tag).expect("checked above");
+                    // Only the backend sees a lease expire, so it counts that attempt;
+                    // core's policy says whether it was the last, and builds the dead
+                    // letter.
+                    if lane.settle.is_last(flight.deliveries) {
+                        let letter = lane.settle.gave_up(flight.deliveries, "max attempts reached on lease expiry");
+                        dead.push(st.remove_for_dead_letter(flight.into_entry(), letter));
+                    } else {
+                        // An expired lease is the oldest work around: first in line.
+                        st.ready.push_front(flight.into_entry());
+                    }
+                    woke = true;
                 }
-                st.leases.pop_first();
-                // Skip leases that were settled or extended since.
-                if st.in_flight.get(tag).is_none_or(|f| f.deadline != deadline) {
-                    continue;
-                }
-                let flight = st.in_flight.remove(tag).expect("checked above");
-                // Only the backend sees a lease expire, so it counts that attempt; core's
-                // policy says whether it was the last, and builds the dead letter.
-                let settle = &flight.policy.settle;
-                if settle.is_last(flight.deliveries) {
-                    let letter = settle.gave_up(flight.deliveries, "max attempts reached on lease expiry");
-                    dead.push(st.remove_for_dead_letter(flight.into_entry(), letter));
-                } else {
-                    // An expired lease is the oldest work around: first in line.
-                    st.ready.push_front(flight.into_entry());
-                }
-                woke = true;
             }
-            let next = match (st.delayed.peek().map(|Reverse(d)| d.due), st.leases.first().map(|l| l.0)) {
+            if let Some((deadline, _)) = ls.leases.first() {
+                next = Some(next.map_or(deadline, |n| n.min(deadline)));
+            }
+        }
+        {
+            let mut st = self.lock();
+            next = match (st.armed, next) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
             st.armed = next;
-            next
-        };
+        }
         if woke {
             self.readable.notify_one();
         }
@@ -528,41 +519,45 @@ impl Queue {
     }
 
     pub fn stats(&self) -> Stats {
-        let st = self.lock();
-        let now = SystemTime::now();
-        let mut times = IdTimes::default();
-        let oldest = st
-            .ready
-            .iter()
-            .chain(st.keys.values().flatten())
-            .map(|entry| entry.timestamp(&mut times))
-            .min()
-            .map(|t| now.duration_since(t).unwrap_or_default());
-        Stats {
-            depth: (st.ready.len() + st.waiting_behind_keys) as u64,
-            in_flight: st.in_flight.len() as u64,
-            delayed: st.delayed.len() as u64,
-            dead_lettered: st.dead_lettered,
-            oldest_age: oldest,
-        }
+        self.with_all(|lanes, st| {
+            let now = SystemTime::now();
+            let mut times = IdTimes::default();
+            let oldest = st
+                .ready
+                .iter()
+                .chain(st.keys.values().flatten())
+                .map(|entry| entry.timestamp(&mut times))
+                .min()
+                .map(|t| now.duration_since(t).unwrap_or_default());
+            Stats {
+                depth: (st.ready.len() + st.waiting_behind_keys) as u64,
+                in_flight: lanes.iter().map(|l| l.in_flight.len() as u64).sum(),
+                delayed: st.delayed.len() as u64,
+                dead_lettered: st.dead_lettered,
+                oldest_age: oldest,
+            }
+        })
     }
 
     /// Drops every waiting and delayed message; in-flight ones stay until settled.
     pub fn purge(&self) -> u64 {
-        let mut st = self.lock();
-        let removed = st.ready.len() + st.waiting_behind_keys + st.delayed.len();
-        st.ready.clear();
-        st.delayed.clear();
-        st.waiting_behind_keys = 0;
-        // Keys stay busy only for messages still in flight.
-        let busy: std::collections::HashSet<String> =
-            st.in_flight.values().filter_map(|f| f.entry.ordering_key().map(str::to_owned)).collect();
-        st.keys.retain(|k, waiting| {
-            waiting.clear();
-            busy.contains(k)
+        let removed = self.with_all(|lanes, st| {
+            let removed = st.ready.len() + st.waiting_behind_keys + st.delayed.len();
+            st.ready.clear();
+            st.delayed.clear();
+            st.waiting_behind_keys = 0;
+            // Keys stay busy only for messages still in flight.
+            let busy: HashSet<&str> =
+                lanes.iter().flat_map(|l| l.in_flight.values()).filter_map(|f| f.entry.ordering_key()).collect();
+            st.keys.retain(|k, waiting| {
+                waiting.clear();
+                busy.contains(k.as_str())
+            });
+            if st.bounded {
+                st.held -= removed;
+            }
+            removed
         });
-        st.held -= removed;
-        drop(st);
         self.writable.notify_waiters();
         removed as u64
     }
@@ -576,29 +571,6 @@ impl Queue {
 }
 
 impl State {
-    fn forget_lease(&mut self, deadline: Instant, tag: u64) {
-        self.leases.settled(deadline, tag, &self.in_flight);
-    }
-
-    /// Takes a delivery out of flight, with its lease; `None` if it is not in flight.
-    // Inlined, like `acked` and the tag table's `insert` and `remove`: an in-flight
-    // record is over 100 bytes, and each call it returns through moves it once more.
-    #[inline(always)]
-    fn take_in_flight(&mut self, tag: u64) -> Option<InFlight> {
-        let flight = self.in_flight.remove(tag)?;
-        self.forget_lease(flight.deadline, tag);
-        Some(flight)
-    }
-
-    /// Removes an acked delivery for good: its entry (to drop outside the lock), and
-    /// whether that let a message of its key become ready. `None` if it is not in flight.
-    #[inline(always)]
-    fn acked(&mut self, tag: u64) -> Option<(InFlight, bool)> {
-        let flight = self.take_in_flight(tag)?;
-        let released_key = self.finish(&flight.entry);
-        Some((flight, released_key))
-    }
-
     /// Adds a fresh message, behind its key's current message if the key is busy.
     // Inlined for a message without a key, which only joins the line.
     #[inline(always)]
@@ -628,10 +600,10 @@ impl State {
 
     /// A message leaves for good: frees its room and lets its key's next message go.
     /// Returns whether a message became ready.
-    // Inlined for the ack of a message without a key, which only counts it out.
-    #[inline(always)]
     fn finish(&mut self, entry: &Entry) -> bool {
-        self.held -= 1;
+        if self.bounded {
+            self.held -= 1;
+        }
         match entry.ordering_key() {
             None => false,
             Some(key) => self.next_of_key(key),

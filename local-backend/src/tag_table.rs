@@ -134,6 +134,13 @@ impl<T> TagTable<T> {
         self.iter().map(|(_, v)| v)
     }
 
+    /// Every entry with its tag, taken out, in no particular order.
+    pub fn into_entries(self) -> impl Iterator<Item = (u64, T)> {
+        let first = self.first;
+        let in_order = self.in_order.into_iter().enumerate().filter_map(move |(i, v)| Some((first + i as u64, v?)));
+        in_order.chain(self.stragglers)
+    }
+
     /// Slots the deque holds, live or empty (for tests of its bound).
     #[cfg(test)]
     fn slots(&self) -> usize {

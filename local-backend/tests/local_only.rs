@@ -226,3 +226,176 @@ async fn odd_ids_times_and_payloads_arrive_whole_beside_plain_messages() {
     assert_eq!(again.iter().map(|d| d.message().clone()).collect::<Vec<_>>(), sent);
     assert!(again.iter().all(|d| d.attempt() == 2));
 }
+
+/// A consumer dropped without closing, while one of its deliveries is still held: the
+/// queue still expires that lease, and another consumer gets the message.
+#[tokio::test(start_paused = true)]
+async fn a_consumer_dropped_unclosed_loses_what_it_held_when_the_lease_ends() {
+    let broker = LocalBroker::new();
+    let (source, dest) = orders();
+    let lease = ConsumerOptions::default().lease(Duration::from_secs(5));
+    let first = broker.consumer(&source, lease.clone()).await.unwrap();
+    broker.send(&dest, Message::new("x")).await.unwrap();
+    let held = first.receive_one(Duration::from_secs(1)).await.unwrap().expect("delivered");
+    drop(first);
+    let second = broker.consumer(&source, lease).await.unwrap();
+    let again = second.receive_one(Duration::from_secs(10)).await.unwrap().expect("back after the lease");
+    assert_eq!((&again.payload[..], again.attempt()), (&b"x"[..], 2));
+    let err = held.ack().await.unwrap_err();
+    assert!(matches!(err, Error::LeaseLost { .. }), "{err}");
+    again.ack().await.unwrap();
+    assert_eq!(broker.stats(&source).await.unwrap().in_flight, 0);
+}
+
+/// A small deterministic generator, so a failure replays.
+fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}
+
+/// What the consumers of the test below have done, checked as they go.
+#[derive(Default)]
+struct Book {
+    acks: Vec<u32>,
+    /// The message of each key now out with a consumer.
+    out: std::collections::HashMap<String, usize>,
+    last_acked: std::collections::HashMap<String, usize>,
+}
+
+impl Book {
+    fn delivered(&mut self, index: usize, key: Option<&str>) {
+        if let Some(key) = key {
+            let other = self.out.insert(key.to_owned(), index);
+            assert!(other.is_none(), "key {key}: message {index} delivered while {other:?} was out");
+        }
+    }
+
+    /// Called before the delivery leaves: from then on the key's next may arrive.
+    fn leaves(&mut self, key: Option<&str>) {
+        if let Some(key) = key {
+            self.out.remove(key);
+        }
+    }
+
+    /// Called before the ack, for the same reason.
+    fn acked(&mut self, index: usize, key: Option<&str>) {
+        self.leaves(key);
+        self.acks[index] += 1;
+        if let Some(key) = key {
+            let before = self.last_acked.insert(key.to_owned(), index);
+            assert!(before < Some(index), "key {key}: message {index} acked after {before:?}");
+        }
+    }
+}
+
+/// Four consumers on two threads, each doing all a consumer can (ack one or a batch,
+/// retry, extend a lease, drop a delivery unsettled, close and open again, drop itself
+/// unclosed) on a bounded queue of messages with and without keys, while a producer
+/// waits for room and stats are read throughout. Every message is acked exactly once,
+/// no two messages of a key are out at once, a key's messages are acked in the order
+/// sent, and the queue gives back all its room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn competing_consumers_doing_everything_at_once_lose_nothing_and_keep_each_keys_order() {
+    use std::sync::{Arc, Mutex};
+    const MESSAGES: usize = 4000;
+    const CAPACITY: usize = 300;
+    let broker = LocalBroker::with_config(LocalConfig { capacity: Some(CAPACITY), ..LocalConfig::default() });
+    let (source, dest) = orders();
+    broker.declare(&source).await.unwrap();
+    let book = Arc::new(Mutex::new(Book { acks: vec![0; MESSAGES], ..Book::default() }));
+    let key_of = |index: usize| (index % 3 != 0).then(|| format!("k{}", index % 7));
+
+    let producer = {
+        let (broker, dest) = (broker.clone(), dest.clone());
+        tokio::spawn(async move {
+            for start in (0..MESSAGES).step_by(10) {
+                let batch = (start..start + 10).map(|i| {
+                    let message = Message::new(i.to_string());
+                    match key_of(i) {
+                        Some(key) => message.with_ordering_key(key),
+                        None => message,
+                    }
+                });
+                broker.send_batch(&dest, batch.collect()).await.unwrap();
+            }
+        })
+    };
+    let done = |book: &Mutex<Book>| book.lock().unwrap().acks.iter().sum::<u32>() as usize >= MESSAGES;
+    let mut consumers = Vec::new();
+    for seed in 1..=4u64 {
+        let (broker, source, book) = (broker.clone(), source.clone(), book.clone());
+        consumers.push(tokio::spawn(async move {
+            let mut random = xorshift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let options = ConsumerOptions::default().max_attempts(u32::MAX);
+            while !done(&book) {
+                let consumer = broker.consumer(&source, options.clone()).await.unwrap();
+                for _ in 0..random() % 20 {
+                    let batch = consumer.receive(1 + random() as usize % 10, Duration::from_millis(5)).await.unwrap();
+                    let mut to_ack = Vec::new();
+                    for d in batch {
+                        let index: usize = std::str::from_utf8(&d.payload).unwrap().parse().unwrap();
+                        let key = d.ordering_key.clone();
+                        book.lock().unwrap().delivered(index, key.as_deref());
+                        match random() % 12 {
+                            0 => {
+                                book.lock().unwrap().leaves(key.as_deref());
+                                d.retry().await.unwrap();
+                            }
+                            1 => {
+                                book.lock().unwrap().leaves(key.as_deref());
+                                drop(d);
+                            }
+                            2 => {
+                                d.extend_lease(Duration::from_secs(60)).await.unwrap();
+                                book.lock().unwrap().acked(index, key.as_deref());
+                                d.ack().await.unwrap();
+                            }
+                            3 => {
+                                book.lock().unwrap().acked(index, key.as_deref());
+                                d.ack().await.unwrap();
+                            }
+                            _ => {
+                                book.lock().unwrap().acked(index, key.as_deref());
+                                to_ack.push(d);
+                            }
+                        }
+                    }
+                    for result in courier_core::Delivery::ack_all(&to_ack).await {
+                        result.unwrap();
+                    }
+                    if random() % 50 == 0 {
+                        let stats = broker.stats(&source).await.unwrap();
+                        assert!(stats.depth + stats.in_flight <= CAPACITY as u64, "{stats:?}");
+                    }
+                }
+                if random() % 3 != 0 {
+                    consumer.close().await.unwrap();
+                }
+            }
+        }));
+    }
+    tokio::time::timeout(Duration::from_secs(30), async {
+        producer.await.unwrap();
+        for consumer in consumers {
+            consumer.await.unwrap();
+        }
+    })
+    .await
+    .expect("every message handled within 30 s");
+
+    let book = book.lock().unwrap();
+    let twice: Vec<usize> = (0..MESSAGES).filter(|&i| book.acks[i] != 1).collect();
+    assert!(twice.is_empty(), "not acked exactly once: {twice:?}");
+    let stats = broker.stats(&source).await.unwrap();
+    assert_eq!((stats.depth, stats.in_flight, stats.delayed), (0, 0, 0));
+    // All the room is back: a full queue's worth goes in without waiting.
+    let refill = (0..CAPACITY).map(|i| Message::new(i.to_string())).collect();
+    tokio::time::timeout(Duration::from_secs(5), broker.send_batch(&dest, refill))
+        .await
+        .expect("room for a full queue")
+        .unwrap();
+}
