@@ -38,6 +38,9 @@ pub(crate) struct LaneState {
     pub next_tag: u64,
     /// The time of the last id delivered, for the next (see [`IdTimes`]).
     pub id_times: IdTimes,
+    /// Entries on their way from the queue's line into this lane: kept so that a take
+    /// reuses its memory.
+    pub taking: Vec<Entry>,
     /// Set when the consumer closed and its deliveries went back: it takes no more.
     pub closed: bool,
 }

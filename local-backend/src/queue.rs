@@ -7,7 +7,6 @@ use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use courier_core::backend::OpenGuard;
 use courier_core::{DeadLetter as Letter, Error, Message, MessageId, Result, Source, Stats};
 use tokio::sync::Notify;
@@ -277,16 +276,9 @@ impl Queue {
                     let now = if first_try { started } else { Instant::now() };
                     let lease_deadline = later(now, lane.lease);
                     let n = max.min(st.ready.len());
-                    let first = ls.next_tag;
-                    let tags = first..first + n as u64;
-                    ls.next_tag = tags.end;
-                    // Under the shared lock, only move the entries into this lane.
-                    for tag in tags.clone() {
-                        let entry = st.ready.pop_front().expect("checked length");
-                        ls.leases.add(lease_deadline, tag);
-                        let flight = InFlight { entry, payload: Bytes::new(), deliveries: 0, deadline: lease_deadline };
-                        ls.in_flight.insert(tag, flight);
-                    }
+                    let LaneState { in_flight, leases, next_tag, id_times, taking, .. } = &mut *ls;
+                    // Under the shared lock, only move the entries out of the line.
+                    taking.extend(st.ready.drain(..n));
                     self.arm(&mut st, lease_deadline);
                     let more = !st.ready.is_empty();
                     drop(st);
@@ -294,15 +286,16 @@ impl Queue {
                         // Pass the baton: another waiting consumer can take the rest.
                         self.readable.notify_one();
                     }
-                    // The deliveries are made under the lane's lock alone.
-                    let LaneState { in_flight, id_times, .. } = &mut *ls;
+                    // The deliveries are made, and leased, under the lane's lock alone.
                     taken.reserve_exact(n);
-                    for tag in tags {
-                        let flight = in_flight.get_mut(tag).expect("just taken");
-                        flight.deliveries = flight.entry.deliveries() + 1;
-                        flight.payload = flight.entry.take_payload();
-                        let message = flight.entry.message(flight.payload.clone(), id_times);
-                        taken.push(deliver(tag, flight.deliveries, message));
+                    for mut entry in taking.drain(..) {
+                        let tag = *next_tag;
+                        *next_tag += 1;
+                        let deliveries = entry.deliveries() + 1;
+                        let payload = entry.take_payload();
+                        taken.push(deliver(tag, deliveries, entry.message(payload.clone(), id_times)));
+                        leases.add(lease_deadline, tag);
+                        in_flight.insert(tag, InFlight { entry, payload, deliveries, deadline: lease_deadline });
                     }
                     return Ok(n);
                 }
