@@ -96,6 +96,8 @@ impl<T> TagTable<T> {
         Some(value)
     }
 
+    // Inlined: one test in the common case, where a call cost about 30 instructions.
+    #[inline(always)]
     fn drop_empty_front(&mut self) {
         while let Some(None) = self.in_order.front() {
             self.in_order.pop_front();
