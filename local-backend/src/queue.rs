@@ -276,19 +276,13 @@ impl Queue {
                     let now = if first_try { started } else { Instant::now() };
                     let lease_deadline = later(now, lane.lease);
                     let n = max.min(st.ready.len());
-                    let LaneState { in_flight, leases, next_tag, id_times, taking, .. } = &mut *ls;
-                    // Under the shared lock, only move the entries out of the line.
-                    taking.extend(st.ready.drain(..n));
-                    self.arm(&mut st, lease_deadline);
-                    let more = !st.ready.is_empty();
-                    drop(st);
-                    if more {
-                        // Pass the baton: another waiting consumer can take the rest.
-                        self.readable.notify_one();
-                    }
-                    // The deliveries are made, and leased, under the lane's lock alone.
+                    // Deliveries are made here, under both locks. Moving the entries out
+                    // first and making them after the shared lock cost one consumer 2-4%
+                    // of its drain, and gained four no more than noise (measured).
+                    let LaneState { in_flight, leases, next_tag, id_times, .. } = &mut *ls;
                     taken.reserve_exact(n);
-                    for mut entry in taking.drain(..) {
+                    for _ in 0..n {
+                        let mut entry = st.ready.pop_front().expect("checked length");
                         let tag = *next_tag;
                         *next_tag += 1;
                         let deliveries = entry.deliveries() + 1;
@@ -296,6 +290,13 @@ impl Queue {
                         taken.push(deliver(tag, deliveries, entry.message(payload.clone(), id_times)));
                         leases.add(lease_deadline, tag);
                         in_flight.insert(tag, InFlight { entry, payload, deliveries, deadline: lease_deadline });
+                    }
+                    self.arm(&mut st, lease_deadline);
+                    let more = !st.ready.is_empty();
+                    drop(st);
+                    if more {
+                        // Pass the baton: another waiting consumer can take the rest.
+                        self.readable.notify_one();
                     }
                     return Ok(n);
                 }
