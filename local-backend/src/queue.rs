@@ -139,8 +139,10 @@ impl Queue {
 
     /// Runs `f` with every lane and the shared state locked (in the one order), for a
     /// view or a change of the whole queue.
+    /// The list stays locked throughout, so no consumer opened meanwhile can take a
+    /// message unseen (purge must see every key in flight).
     fn with_all<R>(&self, f: impl FnOnce(&mut [MutexGuard<'_, LaneState>], &mut State) -> R) -> R {
-        let lanes = self.lanes().clone();
+        let lanes = self.lanes();
         let mut guards: Vec<_> = lanes.iter().map(|l| l.lock()).collect();
         let mut st = self.lock();
         f(&mut guards, &mut st)

@@ -399,3 +399,30 @@ async fn competing_consumers_doing_everything_at_once_lose_nothing_and_keep_each
         .expect("room for a full queue")
         .unwrap();
 }
+
+/// A purge drops what waits, but a key whose message is still out with a consumer (in
+/// any consumer's hands) stays busy: the next message of that key waits for the ack.
+#[tokio::test]
+async fn a_purge_keeps_a_key_busy_while_its_message_is_out() {
+    let broker = LocalBroker::new();
+    let (source, dest) = orders();
+    let (first, second) = (
+        broker.consumer(&source, ConsumerOptions::default()).await.unwrap(),
+        broker.consumer(&source, ConsumerOptions::default()).await.unwrap(),
+    );
+    broker.send(&dest, Message::new("k-1").with_ordering_key("k")).await.unwrap();
+    broker.send(&dest, Message::new("k-2").with_ordering_key("k")).await.unwrap();
+    broker.send(&dest, Message::new("free").with_ordering_key("f")).await.unwrap();
+    let out = first.receive_one(Duration::from_secs(1)).await.unwrap().expect("k-1");
+    assert_eq!(&out.payload[..], b"k-1");
+    assert_eq!(broker.purge(&source).await.unwrap(), 2, "k-2, waiting behind k-1, and f");
+
+    broker.send(&dest, Message::new("k-3").with_ordering_key("k")).await.unwrap();
+    broker.send(&dest, Message::new("f-2").with_ordering_key("f")).await.unwrap();
+    let f = second.receive_one(Duration::from_millis(100)).await.unwrap().expect("f is free again");
+    assert_eq!(&f.payload[..], b"f-2");
+    assert!(second.receive_one(Duration::from_millis(100)).await.unwrap().is_none(), "k-3 waits for k-1");
+    out.ack().await.unwrap();
+    let next = second.receive_one(Duration::from_secs(1)).await.unwrap().expect("k-3 after the ack");
+    assert_eq!(&next.payload[..], b"k-3");
+}
