@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
 use courier_core::backend::OpenGuard;
-use courier_core::{DeadLetter as Letter, Error, Message, MessageId, Result, Source, Stats};
+use courier_core::{DeadLetter as Letter, Error, Message, MessageId, Result, SettlePolicy, Source, Stats};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -124,7 +124,7 @@ impl Queue {
 
     /// A lane for a new consumer. Lanes of consumers dropped without closing, that
     /// hold no delivery any more, leave the list here.
-    pub fn open_lane(&self, lease: Duration, settle: Arc<courier_core::SettlePolicy>) -> Arc<Lane> {
+    pub fn open_lane(&self, lease: Duration, settle: Arc<SettlePolicy>) -> Arc<Lane> {
         let lane = Arc::new(Lane::new(lease, settle));
         let mut lanes = self.lanes();
         lanes.retain(|l| Arc::strong_count(l) > 1 || l.lock().in_flight.len() > 0);
@@ -138,8 +138,7 @@ impl Queue {
     }
 
     /// Runs `f` with every lane and the shared state locked (in the one order), for a
-    /// view or a change of the whole queue.
-    /// The list stays locked throughout, so no consumer opened meanwhile can take a
+    /// view or a change of the whole queue. The list stays locked throughout, so no consumer opened meanwhile can take a
     /// message unseen (purge must see every key in flight).
     fn with_all<R>(&self, f: impl FnOnce(&mut [MutexGuard<'_, LaneState>], &mut State) -> R) -> R {
         let lanes = self.lanes();
@@ -333,7 +332,8 @@ impl Queue {
         Ok(())
     }
 
-    /// Removes in-flight deliveries for good under one lock; each one's result, in order.
+    /// Removes in-flight deliveries for good under the lane's lock; each one's result, in
+    /// order.
     pub fn ack_all(&self, lane: &Lane, deliveries: &[(u64, &MessageId)]) -> Vec<Result<()>> {
         let mut results = Vec::with_capacity(deliveries.len());
         let mut done = Vec::with_capacity(deliveries.len());
