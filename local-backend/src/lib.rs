@@ -462,8 +462,8 @@ impl Broker for LocalBroker {
         self.inner.open.check()?;
         let queue = self.inner.source_queue(source);
         let settle = options.settle_policy(source);
-        let lane = queue.open_lane(options.lease, settle.clone());
-        let handle = Arc::new(ConsumerHandle { queue, lane, settle });
+        let lane = queue.open_lane(options.lease, settle);
+        let handle = Arc::new(ConsumerHandle { queue, lane });
         Ok(Box::new(LocalConsumer { handle, source: source.clone(), open: OpenGuard::new("consumer") }))
     }
 
@@ -514,9 +514,9 @@ impl Broker for LocalBroker {
 /// producers take, and per-delivery count updates there slow both sides down.
 struct ConsumerHandle {
     queue: Arc<Queue>,
-    /// The consumer's own part of the queue: its deliveries and their leases.
+    /// The consumer's own part of the queue: its deliveries, their leases and the
+    /// consumer's settle policy.
     lane: Arc<Lane>,
-    settle: Arc<SettlePolicy>,
 }
 
 struct LocalConsumer {
@@ -556,7 +556,7 @@ impl Consumer for LocalConsumer {
 #[async_trait]
 impl TaggedAcknowledger for ConsumerHandle {
     fn policy(&self) -> &SettlePolicy {
-        &self.settle
+        &self.lane.settle
     }
 
     async fn ack(&self, tag: u64, id: &MessageId) -> Result<()> {

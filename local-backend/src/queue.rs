@@ -127,7 +127,7 @@ impl Queue {
     pub fn open_lane(&self, lease: Duration, settle: Arc<SettlePolicy>) -> Arc<Lane> {
         let lane = Arc::new(Lane::new(lease, settle));
         let mut lanes = self.lanes();
-        lanes.retain(|l| Arc::strong_count(l) > 1 || l.lock().in_flight.len() > 0);
+        lanes.retain(|l| Arc::strong_count(l) > 1 || !l.lock().in_flight.is_empty());
         lanes.push(lane.clone());
         lane
     }

@@ -126,6 +126,10 @@ impl<T> TagTable<T> {
         self.live + self.stragglers.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Every entry with its tag, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, &T)> {
         let in_order = self.in_order.iter().enumerate().filter_map(|(i, v)| Some((self.first + i as u64, v.as_ref()?)));
