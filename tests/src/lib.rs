@@ -221,7 +221,13 @@ impl Harness for SqsHarness {
         Timing {
             quiet: std::time::Duration::from_millis(300),
             soak_messages: 300,
-            soak_consumers: 4,
+            // One consumer, so no two ReceiveMessage calls run at once: moto 5.2.1's
+            // `receive_message` checks that a message is visible and marks it received
+            // with no lock between, so under load two concurrent receives can both take
+            // one message (most often a retried one), and the soak sees it acked twice.
+            // A Python client alone reproduces it against moto, so it is not the
+            // adapter's. `competing_consumers_split_the_work` still runs several.
+            soak_consumers: 1,
             ..Timing::default()
         }
     }
