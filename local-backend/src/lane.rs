@@ -20,7 +20,7 @@ use courier_core::SettlePolicy;
 use tokio::time::Instant;
 
 use crate::entry::{Entry, IdTimes};
-use crate::tag_table::TagTable;
+use crate::tag_table::{Removed, TagTable};
 
 /// One consumer's part of a queue.
 pub(crate) struct Lane {
@@ -62,6 +62,22 @@ impl LaneState {
         let flight = self.in_flight.remove(tag)?;
         self.leases.settled(flight.deadline, tag, &self.in_flight);
         Some(flight)
+    }
+
+    /// Ends the delivery `tag` for good. Its record is dropped where it lies, under the
+    /// lane's lock alone, unless `shared(&entry)` says the queue's shared state must
+    /// see it leave: then it is handed out.
+    #[inline(always)]
+    pub fn finish_in_flight(&mut self, tag: u64, shared: impl FnOnce(&Entry) -> bool) -> Removed<InFlight> {
+        let mut deadline = None;
+        let removed = self.in_flight.remove_or_drop(tag, |flight| {
+            deadline = Some(flight.deadline);
+            shared(&flight.entry)
+        });
+        if let Some(deadline) = deadline {
+            self.leases.settled(deadline, tag, &self.in_flight);
+        }
+        removed
     }
 }
 

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use crate::entry::{Entry, IdTimes};
 use crate::lane::{InFlight, Lane, LaneState};
+use crate::tag_table::Removed;
 use crate::{BrokerInner, WhenFull};
 
 /// How far ahead an unbounded delay, lease or wait is put: later than any real deadline.
@@ -324,7 +325,11 @@ impl Queue {
     /// Removes an in-flight delivery for good.
     pub fn ack(&self, lane: &Lane, tag: u64, id: &MessageId) -> Result<()> {
         let mut ls = lane.lock();
-        let flight = ls.take_in_flight(tag).ok_or_else(|| Self::settle_lost(id))?;
+        let flight = match ls.finish_in_flight(tag, |entry| self.finish_is_shared(entry)) {
+            Removed::Dropped => return Ok(()),
+            Removed::Absent => return Err(Self::settle_lost(id)),
+            Removed::Taken(flight) => flight,
+        };
         let woke = self.finish_is_shared(&flight.entry) && self.lock().finish(&flight.entry);
         drop(ls);
         drop(flight); // outside the locks
@@ -336,21 +341,23 @@ impl Queue {
     /// order.
     pub fn ack_all(&self, lane: &Lane, deliveries: &[(u64, &MessageId)]) -> Vec<Result<()>> {
         let mut results = Vec::with_capacity(deliveries.len());
-        let mut done = Vec::with_capacity(deliveries.len());
+        // Only records the shared state must see leave are moved out, to drop after.
+        let mut done = Vec::new();
         let mut ls = lane.lock();
         // The shared lock, taken only if one of them needs it.
         let mut shared = None;
         let mut woke = false;
         for &(tag, id) in deliveries {
-            match ls.take_in_flight(tag) {
-                Some(flight) => {
+            match ls.finish_in_flight(tag, |entry| self.finish_is_shared(entry)) {
+                Removed::Dropped => results.push(Ok(())),
+                Removed::Taken(flight) => {
                     if self.finish_is_shared(&flight.entry) {
                         woke |= shared.get_or_insert_with(|| self.lock()).finish(&flight.entry);
                     }
                     done.push(flight);
                     results.push(Ok(()));
                 }
-                None => results.push(Err(Self::settle_lost(id))),
+                Removed::Absent => results.push(Err(Self::settle_lost(id))),
             }
         }
         drop(shared);
