@@ -269,8 +269,9 @@ impl Inner {
 
     /// Publishes messages and waits for every confirm, publishing again what a lost
     /// connection left unconfirmed. Confirms are pipelined: all publishes go out before
-    /// the first confirm is awaited.
-    async fn publish_confirmed(&self, route: &Route, messages: &[(&[u8], BasicProperties)]) -> Result<()> {
+    /// the first confirm is awaited. Properties are borrowed: lapin takes its own copy at
+    /// each publish, and a message published again needs them again.
+    async fn publish_confirmed(&self, route: &Route, messages: &[(&[u8], &BasicProperties)]) -> Result<()> {
         let deadline = Instant::now() + self.session.config.reconnect_timeout;
         let mut pending: Vec<usize> = (0..messages.len()).collect();
         loop {
@@ -282,7 +283,7 @@ impl Inner {
                 let (payload, props) = &messages[i];
                 let published = tokio::time::timeout(
                     session::CALL_TIMEOUT,
-                    publish(&live.publisher, route, payload, props.clone()),
+                    publish(&live.publisher, route, payload, (*props).clone()),
                 );
                 match published.await.unwrap_or_else(|_| Err(lapin::ErrorKind::MissingHeartbeatError.into())) {
                     Ok(confirm) => confirms.push((i, confirm)),
@@ -558,7 +559,7 @@ impl Broker for AmqpBroker {
         self.inner.capabilities.check_message(&message)?;
         let props = mapping::properties(&message, 1)?;
         let route = self.inner.route(destination, message.delay).await?;
-        self.inner.publish_confirmed(&route, &[(&message.payload, props)]).await?;
+        self.inner.publish_confirmed(&route, &[(&message.payload, &props)]).await?;
         Ok(message.id)
     }
 
@@ -574,8 +575,8 @@ impl Broker for AmqpBroker {
             let delay = messages[start].delay;
             let end = messages[start..].iter().position(|m| m.delay != delay).map_or(messages.len(), |n| start + n);
             let route = self.inner.route(destination, delay).await?;
-            let chunk: Vec<(&[u8], BasicProperties)> =
-                messages[start..end].iter().zip(&props[start..end]).map(|(m, p)| (&m.payload[..], p.clone())).collect();
+            let chunk: Vec<(&[u8], &BasicProperties)> =
+                messages[start..end].iter().zip(&props[start..end]).map(|(m, p)| (&m.payload[..], p)).collect();
             self.inner.publish_confirmed(&route, &chunk).await?;
             start = end;
         }
@@ -643,6 +644,6 @@ impl AmqpBroker {
         props: BasicProperties,
     ) -> Result<()> {
         let route = self.inner.route(destination, delay).await?;
-        self.inner.publish_confirmed(&route, &[(payload, props)]).await
+        self.inner.publish_confirmed(&route, &[(payload, &props)]).await
     }
 }
