@@ -325,12 +325,13 @@ impl Queue {
     /// Removes an in-flight delivery for good.
     pub fn ack(&self, lane: &Lane, tag: u64, id: &MessageId) -> Result<()> {
         let mut ls = lane.lock();
+        // Taken out only when the shared state must see it leave.
         let flight = match ls.finish_in_flight(tag, |entry| self.finish_is_shared(entry)) {
             Removed::Dropped => return Ok(()),
             Removed::Absent => return Err(Self::settle_lost(id)),
             Removed::Taken(flight) => flight,
         };
-        let woke = self.finish_is_shared(&flight.entry) && self.lock().finish(&flight.entry);
+        let woke = self.lock().finish(&flight.entry);
         drop(ls);
         drop(flight); // outside the locks
         self.after_finish(woke);
@@ -351,9 +352,7 @@ impl Queue {
             match ls.finish_in_flight(tag, |entry| self.finish_is_shared(entry)) {
                 Removed::Dropped => results.push(Ok(())),
                 Removed::Taken(flight) => {
-                    if self.finish_is_shared(&flight.entry) {
-                        woke |= shared.get_or_insert_with(|| self.lock()).finish(&flight.entry);
-                    }
+                    woke |= shared.get_or_insert_with(|| self.lock()).finish(&flight.entry);
                     done.push(flight);
                     results.push(Ok(()));
                 }

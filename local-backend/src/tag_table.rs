@@ -86,25 +86,11 @@ impl<T> TagTable<T> {
         }
     }
 
-    #[inline(always)]
     pub fn remove(&mut self, tag: u64) -> Option<T> {
-        let Some(i) = self.index(tag) else {
-            return if self.stragglers.is_empty() { None } else { self.stragglers.remove(&tag) };
-        };
-        if i == 0 {
-            // The front slot is never empty; popping it moves the value out once.
-            let value = self.in_order.pop_front().flatten();
-            self.first += 1;
-            self.live -= 1;
-            self.drop_empty_front();
-            return value;
+        match self.remove_or_drop(tag, |_| true) {
+            Removed::Taken(value) => Some(value),
+            Removed::Absent | Removed::Dropped => None,
         }
-        let value = self.in_order[i].take()?;
-        self.live -= 1;
-        if self.in_order.len() > COMPACT_ABOVE && self.in_order.len() > 2 * self.live {
-            self.compact();
-        }
-        Some(value)
     }
 
     /// Removes `tag`'s value, dropping it where it lies unless `take(&value)` asks for
