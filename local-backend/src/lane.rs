@@ -55,13 +55,14 @@ impl Lane {
 
 impl LaneState {
     /// Takes a delivery out of flight, with its lease; `None` if it is not in flight.
-    // Inlined, like the tag table's `insert` and `remove`: an in-flight record is about
-    // 100 bytes, and each call it returns through moves it once more.
+    // Inlined, like the tag table's `insert`: an in-flight record is about 100 bytes,
+    // and each call it returns through moves it once more.
     #[inline(always)]
     pub fn take_in_flight(&mut self, tag: u64) -> Option<InFlight> {
-        let flight = self.in_flight.remove(tag)?;
-        self.leases.settled(flight.deadline, tag, &self.in_flight);
-        Some(flight)
+        match self.finish_in_flight(tag, |_| true) {
+            Removed::Taken(flight) => Some(flight),
+            Removed::Absent | Removed::Dropped => None,
+        }
     }
 
     /// Ends the delivery `tag` for good. Its record is dropped where it lies, under the
